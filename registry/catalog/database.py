@@ -1,0 +1,64 @@
+"""Opening the catalog: SQLite in WAL mode, schema brought up to date by Alembic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+from registry.errors import SchemaTooNew
+
+CATALOG_FILE = "catalog.db"
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", url)
+    return config
+
+
+def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def open_engine(root: Path) -> Engine:
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{root / CATALOG_FILE}"
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+    event.listen(engine, "connect", _on_connect)
+    return engine
+
+
+def upgrade(engine: Engine) -> None:
+    """Apply pending migrations; refuse a catalog written by a newer Berth (never downgrade)."""
+    config = alembic_config(str(engine.url))
+    script = ScriptDirectory.from_config(config)
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_heads()
+    known = {rev.revision for rev in script.walk_revisions()}
+    unknown = [rev for rev in current if rev not in known]
+    if unknown:
+        raise SchemaTooNew(
+            f"the catalog at {engine.url.database} has schema revision {', '.join(unknown)}, which this "
+            "version of Berth does not know; it was written by a newer Berth. Upgrade Berth, or point "
+            "BERTH_MODELS elsewhere. Nothing was changed."
+        )
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

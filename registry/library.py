@@ -1,0 +1,256 @@
+"""The model library: names -> manifests -> blobs, kept consistent between catalog and blob store.
+
+Order of writes keeps a crash harmless: blob files are published before the catalog rows that
+reference them, and catalog rows are deleted before the files they point to. A crash can leave
+an unreferenced file (swept by `fsck --repair`), never a name that points at a missing blob.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from registry.blobstore import BlobStore
+from registry.catalog import database
+from registry.catalog.schema import BlobRow, LayerRow, ManifestRow, TagRow
+from registry.digest import Digest
+from registry.errors import CorruptData, InvalidInput, ModelNotFound
+from registry.manifest import MAX_TEXT_LAYER_BYTES, Descriptor, Manifest, ModelConfig
+from registry.names import ModelName
+
+CONFIG_POSITION = -1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite keeps no zone; every stored time is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A name together with the manifest it points at."""
+
+    name: ModelName
+    manifest: Manifest
+    modified_at: datetime
+
+
+@dataclass(frozen=True)
+class GcReport:
+    manifests: tuple[Digest, ...]
+    blobs: tuple[Digest, ...]
+    bytes_freed: int
+
+
+class Library:
+    """Catalog plus blob store, opened on `$BERTH_MODELS`. One per process (the app owns it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = BlobStore(root)
+        self.engine = database.open_engine(root)
+        database.upgrade(self.engine)
+        self._sessions = database.session_factory(self.engine)
+        # Serialises reference changes against GC inside this process; pins protect blobs that
+        # an operation in progress (create, pull) has written but not yet referenced.
+        self._lock = threading.RLock()
+        self._pins: Counter[Digest] = Counter()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def names(self) -> list[ModelName]:
+        with self.session() as session:
+            rows = session.execute(select(TagRow.host, TagRow.namespace, TagRow.model, TagRow.tag)).all()
+        return [ModelName(*row) for row in rows]
+
+    def resolve(self, text: str) -> ModelName:
+        """Parse a user-supplied name and adopt the stored spelling of matching parts."""
+        return ModelName.parse(text).canonical(self.names())
+
+    def get(self, name: ModelName | str) -> StoredModel:
+        parsed = self.resolve(name) if isinstance(name, str) else name
+        with self.session() as session:
+            tag = session.get(TagRow, parsed.key)
+            if tag is None:
+                raise ModelNotFound(parsed.display if isinstance(name, ModelName) else str(name))
+            manifest_row = session.get(ManifestRow, tag.manifest_digest)
+            if manifest_row is None:
+                raise CorruptData(f"model {parsed.display} points at a missing manifest; run `berth fsck --repair`")
+            stored_name = ModelName(tag.host, tag.namespace, tag.model, tag.tag)
+            return StoredModel(stored_name, Manifest.parse(manifest_row.raw), _aware(tag.modified_at))
+
+    def list(self) -> list[StoredModel]:
+        """Every model, newest first (as /api/tags)."""
+        with self.session() as session:
+            rows = session.execute(
+                select(TagRow, ManifestRow.raw)
+                .join(ManifestRow, ManifestRow.digest == TagRow.manifest_digest)
+                .order_by(TagRow.modified_at.desc(), TagRow.name_key)
+            ).all()
+        return [
+            StoredModel(ModelName(t.host, t.namespace, t.model, t.tag), Manifest.parse(raw), _aware(t.modified_at))
+            for t, raw in rows
+        ]
+
+    # -- reading layers --------------------------------------------------------------------------
+
+    def config(self, manifest: Manifest) -> ModelConfig:
+        return ModelConfig.from_bytes(self.blobs.read_bytes(manifest.config.digest, MAX_TEXT_LAYER_BYTES))
+
+    def text_layer(self, layer: Descriptor) -> str:
+        return self.blobs.read_bytes(layer.digest, MAX_TEXT_LAYER_BYTES).decode("utf-8", errors="replace")
+
+    def json_layer(self, layer: Descriptor) -> Any:
+        try:
+            return json.loads(self.blobs.read_bytes(layer.digest, MAX_TEXT_LAYER_BYTES))
+        except ValueError as exc:
+            raise CorruptData(f"layer {layer.digest} is not valid JSON: {exc}") from None
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.blobs.path(digest)
+
+    def model_info(self, digest: Digest) -> dict[str, Any] | None:
+        with self.session() as session:
+            row = session.get(BlobRow, str(digest))
+            return json.loads(row.model_info) if row is not None and row.model_info else None
+
+    def set_model_info(self, digest: Digest, info: dict[str, Any]) -> None:
+        with self.session() as session:
+            row = session.get(BlobRow, str(digest))
+            if row is not None:
+                row.model_info = json.dumps(info)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def pinned(self, digests: Iterable[Digest]) -> Iterator[None]:
+        """Keep these blobs safe from GC while an operation that will reference them runs."""
+        held = list(digests)
+        with self._lock:
+            self._pins.update(held)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(held)
+                self._pins += Counter()  # drop zero counts
+
+    def pin(self, digest: Digest) -> None:
+        with self._lock:
+            self._pins[digest] += 1
+
+    def unpin(self, digest: Digest) -> None:
+        with self._lock:
+            self._pins[digest] -= 1
+            if self._pins[digest] <= 0:
+                del self._pins[digest]
+
+    def tag(self, name: ModelName, manifest: Manifest) -> GcReport:
+        """Point `name` at `manifest` in one transaction; collect what the old manifest alone used.
+
+        Every blob the manifest references must already be in the blob store.
+        """
+        now = utcnow()
+        with self._lock:
+            for desc in manifest.blobs():
+                actual = self.blobs.size(desc.digest)  # raises BlobNotFound
+                if actual != desc.size:
+                    raise InvalidInput(
+                        f"blob {desc.digest} is {actual} bytes but the manifest says {desc.size}"
+                    )
+            with self.session() as session:
+                digest = str(manifest.digest)
+                if session.get(ManifestRow, digest) is None:
+                    session.add(ManifestRow(digest=digest, media_type=manifest.media_type, raw=manifest.raw,
+                                            created_at=now))
+                    for desc in manifest.blobs():
+                        if session.get(BlobRow, str(desc.digest)) is None:
+                            session.add(BlobRow(digest=str(desc.digest), size=desc.size, created_at=now))
+                    session.flush()
+                    rows = [(CONFIG_POSITION, manifest.config)] + list(enumerate(manifest.layers))
+                    for position, desc in rows:
+                        session.add(LayerRow(manifest_digest=digest, position=position,
+                                             blob_digest=str(desc.digest), media_type=desc.media_type,
+                                             size=desc.size))
+                existing = session.get(TagRow, name.key)
+                if existing is None:
+                    session.add(TagRow(name_key=name.key, host=name.host, namespace=name.namespace,
+                                       model=name.model, tag=name.tag, manifest_digest=digest, modified_at=now))
+                else:
+                    existing.manifest_digest = digest
+                    existing.modified_at = now
+            return self.collect_garbage()
+
+    def copy(self, source: ModelName, destination: ModelName) -> None:
+        stored = self.get(source)
+        if destination.key == stored.name.key:
+            return
+        self.tag(destination, stored.manifest)
+
+    def delete(self, name: ModelName) -> GcReport:
+        with self._lock:
+            with self.session() as session:
+                row = session.get(TagRow, name.key)
+                if row is None:
+                    raise ModelNotFound(name.display)
+                session.delete(row)
+            return self.collect_garbage()
+
+    def collect_garbage(self) -> GcReport:
+        """Remove manifests no name points at, then blobs no manifest references and nobody pins."""
+        with self._lock:
+            pinned = {str(d) for d in self._pins}
+            with self.session() as session:
+                dead_manifests = session.scalars(
+                    select(ManifestRow.digest).where(~ManifestRow.digest.in_(select(TagRow.manifest_digest)))
+                ).all()
+                if dead_manifests:
+                    session.execute(delete(LayerRow).where(LayerRow.manifest_digest.in_(dead_manifests)))
+                    session.execute(delete(ManifestRow).where(ManifestRow.digest.in_(dead_manifests)))
+                dead_blobs = [
+                    (digest, size)
+                    for digest, size in session.execute(
+                        select(BlobRow.digest, BlobRow.size).where(~BlobRow.digest.in_(select(LayerRow.blob_digest)))
+                    ).all()
+                    if digest not in pinned
+                ]
+                if dead_blobs:
+                    session.execute(delete(BlobRow).where(BlobRow.digest.in_([d for d, _ in dead_blobs])))
+            # Rows are gone (committed) before files, so no name can point at a missing file.
+            for digest, _ in dead_blobs:
+                self.blobs.remove(Digest.parse(digest))
+            return GcReport(
+                manifests=tuple(Digest.parse(d) for d in dead_manifests),
+                blobs=tuple(Digest.parse(d) for d, _ in dead_blobs),
+                bytes_freed=sum(size for _, size in dead_blobs),
+            )
+
+    def referenced_blobs(self) -> dict[Digest, int]:
+        with self.session() as session:
+            rows = session.execute(select(BlobRow.digest, BlobRow.size)).all()
+        return {Digest.parse(d): size for d, size in rows}
+
+    def count_models(self) -> int:
+        with self.session() as session:
+            return session.scalar(select(func.count()).select_from(TagRow)) or 0

@@ -1,0 +1,170 @@
+"""The catalog and library: migrations, tagging in one transaction, copy, delete and GC."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from registry.builder import ModelBuilder
+from registry.catalog import database
+from registry.digest import Digest
+from registry.errors import BlobNotFound, InvalidInput, ModelNotFound, SchemaTooNew
+from registry.fsck import fsck
+from registry.library import Library
+from registry.manifest import DOCKER_CONFIG, MODEL_LAYER, SYSTEM_LAYER, Descriptor, Manifest, ModelConfig
+from registry.names import ModelName
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Library:
+    lib = Library(tmp_path / "models")
+    yield lib
+    lib.close()
+
+
+def make_model(library: Library, name: str, weights: bytes, system: str | None = None) -> Manifest:
+    stored = library.blobs.write_bytes(weights)
+    builder = ModelBuilder(library)
+    builder.add_blob(MODEL_LAYER, stored.digest, stored.size)
+    if system is not None:
+        builder.add_text(SYSTEM_LAYER, system)
+    manifest, _ = builder.commit(ModelName.parse(name), ModelConfig(model_family="test", model_type="1K"))
+    return manifest
+
+
+def blob_files(library: Library) -> set[Digest]:
+    return set(library.blobs.stored_digests())
+
+
+def test_migrations_create_the_schema_from_empty(tmp_path: Path) -> None:
+    engine = database.open_engine(tmp_path)
+    database.upgrade(engine)
+    tables = set(inspect(engine).get_table_names())
+    assert {"blobs", "manifests", "layers", "tags", "alembic_version"} <= tables
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+    database.upgrade(engine)  # idempotent
+    engine.dispose()
+
+
+def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    Library(tmp_path).close()
+    db = tmp_path / database.CATALOG_FILE
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    before = db.read_bytes()
+    with pytest.raises(SchemaTooNew, match="newer Berth"):
+        Library(tmp_path)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("9999_future",)
+    assert db.read_bytes() == before
+
+
+def test_tag_list_get_and_case_insensitive_lookup(library: Library) -> None:
+    manifest = make_model(library, "Demo:1", b"weights-1", system="be brief")
+    models = library.list()
+    assert [m.name.display for m in models] == ["Demo:1"]
+    assert library.get("demo:1").manifest.digest == manifest.digest
+    assert library.get("DEMO:1").name.model == "Demo"
+    assert library.get("demo:1").manifest.raw == manifest.raw  # bytes kept exactly
+    with pytest.raises(ModelNotFound, match="model 'nope' not found"):
+        library.get("nope")
+
+
+def test_copy_shares_blobs_and_delete_collects_only_unused_ones(library: Library) -> None:
+    manifest = make_model(library, "a:1", b"shared-weights")
+    library.copy(ModelName.parse("a:1"), ModelName.parse("b:1"))
+    assert sorted(m.name.display for m in library.list()) == ["a:1", "b:1"]
+    before = blob_files(library)
+    report = library.delete(ModelName.parse("a:1"))
+    assert report.blobs == () and blob_files(library) == before  # still used by b:1
+    report = library.delete(ModelName.parse("b:1"))
+    assert set(report.blobs) == {d.digest for d in manifest.blobs()}
+    assert report.bytes_freed == manifest.size
+    assert blob_files(library) == set()
+    assert library.list() == []
+
+
+def test_retagging_collects_what_only_the_old_manifest_used(library: Library) -> None:
+    old = make_model(library, "m:1", b"old-weights", system="old")
+    new = make_model(library, "m:1", b"new-weights", system="new")
+    assert library.get("m:1").manifest.digest == new.digest
+    old_only = {d.digest for d in old.blobs()} - {d.digest for d in new.blobs()}
+    assert old_only and not (old_only & blob_files(library))
+
+
+def test_pinned_blobs_survive_gc(library: Library) -> None:
+    make_model(library, "m:1", b"pinned-weights")
+    digest = library.get("m:1").manifest.layers[0].digest
+    with library.pinned([digest]):
+        library.delete(ModelName.parse("m:1"))
+        assert library.blobs.exists(digest)
+        assert library.collect_garbage().blobs == ()
+    # Once unpinned and still unreferenced, the next collection takes it.
+    assert digest in library.collect_garbage().blobs
+    assert not library.blobs.exists(digest)
+
+
+def test_tag_refuses_a_manifest_whose_blobs_are_missing(library: Library) -> None:
+    missing = Descriptor(MODEL_LAYER, Digest("2" * 64), 10)
+    config = library.blobs.write_bytes(b"{}")
+    manifest = Manifest.build(Descriptor(DOCKER_CONFIG, config.digest, config.size), [missing])
+    with pytest.raises(BlobNotFound):
+        library.tag(ModelName.parse("broken:1"), manifest)
+    assert library.list() == []
+
+
+def test_tag_refuses_a_size_that_does_not_match(library: Library) -> None:
+    blob = library.blobs.write_bytes(b"12345")
+    config = library.blobs.write_bytes(b"{}")
+    manifest = Manifest.build(Descriptor(DOCKER_CONFIG, config.digest, config.size),
+                              [Descriptor(MODEL_LAYER, blob.digest, 999)])
+    with pytest.raises(InvalidInput, match="999"):
+        library.tag(ModelName.parse("broken:1"), manifest)
+    assert library.list() == []
+
+
+def test_fsck_finds_and_repairs_a_corrupted_blob(library: Library) -> None:
+    manifest = make_model(library, "m:1", b"good-weights")
+    assert fsck(library).clean
+    weights = manifest.layers[0].digest
+    library.blobs.path(weights).write_bytes(b"bad-weights!")
+    report = fsck(library)
+    assert report.corrupt_blobs == [weights] and report.affected_models == {"m:1"}
+    fsck(library, repair=True)
+    assert not library.blobs.exists(weights)
+    report = fsck(library)
+    assert report.missing_blobs == [weights] and "m:1" in report.affected_models
+
+
+def test_manifest_parse_rejects_hostile_documents() -> None:
+    good_layer = {"mediaType": MODEL_LAYER, "digest": "sha256:" + "a" * 64, "size": 1}
+    config = {"mediaType": DOCKER_CONFIG, "digest": "sha256:" + "b" * 64, "size": 2}
+
+    def doc(**overrides: object) -> bytes:
+        import json
+
+        base = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": config, "layers": [good_layer]}
+        base.update(overrides)
+        return json.dumps(base).encode()
+
+    assert Manifest.parse(doc()).layers[0].size == 1
+    bad_digest = {**good_layer, "digest": "sha256:../../../../etc/passwd"}
+    for raw, message in [
+        (doc(layers=[bad_digest]), "invalid digest format"),
+        (doc(layers=[{**good_layer, "digest": ""}]), "invalid digest format"),
+        (doc(layers=[{**good_layer, "size": -1}]), "invalid size"),
+        (doc(layers=[{**good_layer, "size": "1"}]), "invalid size"),
+        (doc(schemaVersion=1), "schemaVersion"),
+        (doc(mediaType="text/html"), "media type"),
+        (b"not json", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b" " * (5 * 1024 * 1024), "limit"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            Manifest.parse(raw)
