@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -22,6 +23,9 @@ from registry.errors import BlobNotFound, DigestMismatch, TooLarge
 TEMP_PREFIX = ".incoming-"
 # Large enough that Python overhead per chunk is noise next to hashing and I/O.
 CHUNK_SIZE = 4 * 1024 * 1024
+# Chunks at least this big are hashed on a helper thread while the previous one is written:
+# hashlib and file writes both release the GIL, so the two overlap on separate cores.
+PIPELINE_THRESHOLD = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class BlobWriter:
         self._max_size = max_size
         self._hash = hashlib.sha256()
         self.size = 0
+        self._hasher: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
         self.temp_path = store.blobs_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         self._file: BinaryIO | None = open(self.temp_path, "xb")
         # The lock marks the temp file as live; `sweep_temp_files` only removes unlocked ones.
@@ -50,14 +56,28 @@ class BlobWriter:
             raise ValueError("blob writer is closed")
         if self._max_size is not None and self.size + len(data) > self._max_size:
             raise TooLarge(f"blob is larger than the {self._max_size}-byte limit")
-        self._hash.update(data)
+        self._wait_for_hash()
+        if len(data) >= PIPELINE_THRESHOLD:
+            if not isinstance(data, bytes):
+                data = bytes(data)  # the caller may reuse its buffer while we hash
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash")
+            self._pending = self._hasher.submit(self._hash.update, data)
+        else:
+            self._hash.update(data)
         self._file.write(data)
         self.size += len(data)
+
+    def _wait_for_hash(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def commit(self) -> StoredBlob:
         """fsync, check the digest, and rename into place. Raises DigestMismatch (nothing kept)."""
         if self._file is None:
             raise ValueError("blob writer is closed")
+        self._wait_for_hash()
         digest = Digest(self._hash.hexdigest())
         if self._expected is not None and digest != self._expected:
             self.abort()
@@ -84,6 +104,9 @@ class BlobWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
 
     def __enter__(self) -> "BlobWriter":
         return self
