@@ -1,0 +1,56 @@
+"""The CLI's HTTP client of a Berth (or Ollama) server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from server.address import HostAddress, client_address, host_from_env
+
+
+class ClientError(Exception):
+    """An error to print as one line; `exit_code` is what the command exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1, status: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.status = status
+
+
+class Client:
+    def __init__(self, address: HostAddress | None = None, timeout: float = 30.0) -> None:
+        self.address = client_address(address or host_from_env())
+        self._http = httpx.Client(base_url=self.address.url, timeout=timeout)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.ConnectError:
+            raise ClientError(
+                f"could not connect to a Berth server at {self.address.url}; start one with `berth serve`, "
+                "or set BERTH_HOST to the server's address",
+                exit_code=1,
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"request to {self.address.url}{path} failed: {exc}") from None
+        if response.status_code >= 400:
+            raise ClientError(_error_text(response), status=response.status_code)
+        return response
+
+    def get_json(self, path: str) -> Any:
+        return self.request("GET", path).json()
+
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, body).json()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        doc = response.json()
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            return doc["error"]
+    except (json.JSONDecodeError, ValueError):
+        pass
+    return f"server answered {response.status_code}: {response.text.strip()[:200]}"

@@ -1,0 +1,220 @@
+"""The `berth` command. Every command but `serve` and `fsck` is a client of a server's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any, Callable, NoReturn, Optional
+
+import typer
+
+from cli.client import Client, ClientError
+from cli.humanize import human_bytes, human_time
+
+app = typer.Typer(
+    name="berth",
+    help="Berth: a registry-centric, Ollama-compatible model manager and server.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(action: Callable[[], None]) -> None:
+    """Turn client errors into one line and an exit code, never a traceback."""
+    try:
+        action()
+    except ClientError as exc:
+        _fail(str(exc), exc.exit_code)
+
+
+def _version_callback(value: bool) -> None:
+    if not value:
+        return
+    from server import __version__
+
+    typer.echo(f"berth version is {__version__}")
+    try:
+        server_version = Client(timeout=2).get_json("/api/version").get("version")
+    except ClientError:
+        server_version = None
+    if server_version and server_version != __version__:
+        typer.echo(f"Warning: server version is {server_version}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", "-v", help="Show version information.",
+                                 callback=_version_callback, is_eager=True),
+) -> None:
+    """Berth: a registry-centric, Ollama-compatible model manager and server."""
+
+
+@app.command()
+def serve() -> None:
+    """Start the server (BERTH_HOST, default 127.0.0.1:11434; models in BERTH_MODELS)."""
+    from registry.errors import BerthError
+    from server.app import serve as run_server
+    from server.settings import Settings
+
+    try:
+        run_server(Settings.from_env())
+    except (BerthError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = ["    ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _list(prefix: Optional[str], as_json: bool) -> None:
+    models = Client().get_json("/api/tags").get("models") or []
+    if prefix:
+        models = [m for m in models if m.get("name", "").startswith(prefix)]
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    rows = [
+        [m["name"], m.get("digest", "")[:12], human_bytes(int(m.get("size", 0))),
+         human_time(datetime.fromisoformat(m["modified_at"]))]
+        for m in models
+    ]
+    typer.echo(_table(["NAME", "ID", "SIZE", "MODIFIED"], rows))
+
+
+@app.command("list")
+def list_models(
+    prefix: Optional[str] = typer.Argument(None, help="Only models whose name starts with this."),
+    as_json: bool = typer.Option(False, "--json", help="Print the server's JSON."),
+) -> None:
+    """List models."""
+    _run(lambda: _list(prefix, as_json))
+
+
+@app.command("ls", hidden=True)
+def ls(
+    prefix: Optional[str] = typer.Argument(None),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List models (alias of list)."""
+    _run(lambda: _list(prefix, as_json))
+
+
+def _show(model: str, section: Optional[str], as_json: bool) -> None:
+    info: dict[str, Any] = Client().post_json("/api/show", {"model": model})
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    if section is not None:
+        typer.echo(info.get(section) or "")
+        return
+    typer.echo(_show_summary(info))
+
+
+def _show_summary(info: dict[str, Any]) -> str:
+    details = info.get("details") or {}
+    model_info = info.get("model_info") or {}
+    arch = model_info.get("general.architecture") or details.get("family", "")
+    rows = [("architecture", arch), ("parameters", details.get("parameter_size", ""))]
+    if f"{arch}.context_length" in model_info:
+        rows.append(("context length", str(model_info[f"{arch}.context_length"])))
+    if f"{arch}.embedding_length" in model_info:
+        rows.append(("embedding length", str(model_info[f"{arch}.embedding_length"])))
+    rows.append(("quantization", details.get("quantization_level", "")))
+    out = ["  Model"] + [f"    {key:<20}{value}" for key, value in rows]
+    if info.get("capabilities"):
+        out += ["", "  Capabilities"] + [f"    {cap}" for cap in info["capabilities"]]
+    if info.get("parameters"):
+        out += ["", "  Parameters"] + [f"    {line}" for line in info["parameters"].splitlines()]
+    if info.get("system"):
+        out += ["", "  System"] + [f"    {line}" for line in info["system"].splitlines()[:5]]
+    if info.get("license"):
+        out += ["", "  License"] + [f"    {line}" for line in info["license"].splitlines()[:2]]
+    return "\n".join(out) + "\n"
+
+
+@app.command()
+def show(
+    model: str = typer.Argument(..., help="Model name."),
+    modelfile: bool = typer.Option(False, "--modelfile", help="Show the Modelfile."),
+    parameters: bool = typer.Option(False, "--parameters", help="Show the parameters."),
+    template: bool = typer.Option(False, "--template", help="Show the template."),
+    system: bool = typer.Option(False, "--system", help="Show the system message."),
+    license: bool = typer.Option(False, "--license", help="Show the license."),
+    as_json: bool = typer.Option(False, "--json", help="Print the server's JSON."),
+) -> None:
+    """Show information about a model."""
+    chosen = [name for name, flag in (("modelfile", modelfile), ("parameters", parameters),
+                                      ("template", template), ("system", system), ("license", license)) if flag]
+    if len(chosen) > 1:
+        _fail("only one of --modelfile, --parameters, --template, --system, --license can be given")
+    _run(lambda: _show(model, chosen[0] if chosen else None, as_json))
+
+
+@app.command()
+def cp(source: str = typer.Argument(...), destination: str = typer.Argument(...)) -> None:
+    """Copy a model to a new name (no blob is copied)."""
+
+    def action() -> None:
+        Client().request("POST", "/api/copy", {"source": source, "destination": destination})
+        typer.echo(f"copied '{source}' to '{destination}'")
+
+    _run(action)
+
+
+@app.command()
+def rm(models: list[str] = typer.Argument(..., help="Models to remove.")) -> None:
+    """Remove models; blobs no other model uses are deleted."""
+
+    def action() -> None:
+        client = Client()
+        for model in models:
+            client.request("DELETE", "/api/delete", {"model": model})
+            typer.echo(f"deleted '{model}'")
+
+    _run(action)
+
+
+@app.command()
+def fsck(repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed.")) -> None:
+    """Re-hash every blob in BERTH_MODELS and check the catalog against the blob store."""
+    from registry.errors import BerthError
+    from registry.fsck import fsck as run_fsck
+    from registry.library import Library
+    from server.settings import Settings
+
+    try:
+        library = Library(Settings.from_env().models_dir)
+        report = run_fsck(library, repair=repair)
+    except BerthError as exc:
+        _fail(str(exc))
+    typer.echo(f"checked {report.checked_blobs} blobs ({human_bytes(report.checked_bytes)})")
+    for label, items in (("corrupt blob", report.corrupt_blobs), ("missing blob", report.missing_blobs),
+                         ("unreferenced blob file", report.orphan_files), ("broken name", report.broken_names)):
+        for item in items:
+            typer.echo(f"{label}: {item}")
+    for model in sorted(report.affected_models):
+        typer.echo(f"model needs to be pulled or created again: {model}")
+    if repair:
+        typer.echo(f"repaired; removed {report.stale_temp_files} stale temporary files")
+    elif not report.clean:
+        typer.echo("run `berth fsck --repair` to remove what is damaged")
+    if not report.clean and not repair:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

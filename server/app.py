@@ -1,0 +1,62 @@
+"""Building the FastAPI application and running it."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from registry.default_model import ensure_default_model
+from registry.library import Library
+from server import __version__
+from server.api import errors, ollama
+from server.context import AppContext
+from server.settings import Settings
+
+log = logging.getLogger("berth.server")
+
+
+def open_context(settings: Settings) -> AppContext:
+    """Open the catalog (running migrations), sweep dead temp files, import the default model."""
+    library = Library(settings.models_dir)
+    try:
+        swept = library.blobs.sweep_temp_files()
+        if swept:
+            log.info("removed %d temporary files left by interrupted writes", len(swept))
+        if settings.import_default_model:
+            ensure_default_model(library)
+    except BaseException:
+        library.close()
+        raise
+    return AppContext(settings=settings, library=library)
+
+
+def create_app(context: AppContext) -> FastAPI:
+    """The application over an opened context; the context is closed when the app shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            context.close()
+
+    app = FastAPI(title="Berth", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.context = context
+    errors.install(app)
+    app.include_router(ollama.router)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Open the store first, so a bad catalog fails before the port opens, then serve."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    context = open_context(settings)
+    log.info("Berth %s listening on %s, models in %s", __version__, settings.host.url, settings.models_dir)
+    uvicorn.run(create_app(context), host=settings.host.host, port=settings.host.port, log_level="warning",
+                access_log=False)
