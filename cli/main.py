@@ -185,6 +185,60 @@ def rm(models: list[str] = typer.Argument(..., help="Models to remove.")) -> Non
     _run(action)
 
 
+def processor(size: int, size_vram: int) -> str:
+    """`100% GPU`, `100% CPU`, or the split, as Ollama's ps prints it."""
+    if size <= 0 or size_vram > size:
+        return "Unknown"
+    if size_vram == 0:
+        return "100% CPU"
+    if size_vram == size:
+        return "100% GPU"
+    cpu = round((size - size_vram) / size * 100)
+    return f"{cpu}%/{100 - cpu}% CPU/GPU"
+
+
+def _ps(as_json: bool) -> None:
+    models = Client().get_json("/api/ps").get("models") or []
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    rows = []
+    for m in models:
+        until = datetime.fromisoformat(m["expires_at"])
+        when = human_time(until)
+        rows.append([m["name"], m.get("digest", "")[:12], human_bytes(int(m.get("size", 0))),
+                     processor(int(m.get("size", 0)), int(m.get("size_vram", 0))), str(m.get("context_length", "")),
+                     "Stopping..." if when.endswith(" ago") else when])
+    typer.echo(_table(["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"], rows))
+
+
+@app.command()
+def ps(as_json: bool = typer.Option(False, "--json", help="Print the server's JSON.")) -> None:
+    """List running models."""
+    _run(lambda: _ps(as_json))
+
+
+@app.command()
+def stop(model: str = typer.Argument(..., help="Model to unload.")) -> None:
+    """Stop a running model (unload it from memory)."""
+
+    def action() -> None:
+        from registry.errors import InvalidName
+        from registry.names import ModelName
+
+        try:
+            display = ModelName.parse(model).display.lower()
+        except InvalidName as exc:
+            raise ClientError(str(exc)) from None
+        client = Client()
+        running = client.get_json("/api/ps").get("models") or []
+        if display not in {m.get("name", "").lower() for m in running}:
+            raise ClientError(f'couldn\'t find model "{model}" to stop')
+        client.post_json("/api/generate", {"model": model, "keep_alive": 0})
+
+    _run(action)
+
+
 @app.command()
 def fsck(repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed.")) -> None:
     """Re-hash every blob in BERTH_MODELS and check the catalog against the blob store."""

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from registry.default_model import ensure_default_model
 from registry.library import Library
 from server import __version__
-from server.api import errors, ollama
+from server.api import errors, inference, ollama
 from server.context import AppContext
 from server.settings import Settings
 
@@ -30,7 +30,7 @@ def open_context(settings: Settings) -> AppContext:
     except BaseException:
         library.close()
         raise
-    return AppContext(settings=settings, library=library)
+    return AppContext.build(settings, library)
 
 
 def create_app(context: AppContext) -> FastAPI:
@@ -41,12 +41,13 @@ def create_app(context: AppContext) -> FastAPI:
         try:
             yield
         finally:
-            context.close()
+            await context.aclose()
 
     app = FastAPI(title="Berth", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.context = context
     errors.install(app)
     app.include_router(ollama.router)
+    app.include_router(inference.router)
     return app
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from registry.library import Library
+from server.inference import Inference
+from server.scheduler import Scheduler
 from server.settings import Settings
 
 
@@ -12,6 +14,16 @@ from server.settings import Settings
 class AppContext:
     settings: Settings
     library: Library
+    scheduler: Scheduler
+    inference: Inference
 
-    def close(self) -> None:
+    @classmethod
+    def build(cls, settings: Settings, library: Library) -> "AppContext":
+        scheduler = Scheduler(max_loaded=settings.max_loaded_models, num_parallel=settings.num_parallel,
+                              max_queue=settings.max_queue, default_keep_alive=settings.keep_alive,
+                              load_timeout=settings.load_timeout)
+        return cls(settings, library, scheduler, Inference(library, scheduler, settings))
+
+    async def aclose(self) -> None:
+        await self.scheduler.shutdown()
         self.library.close()

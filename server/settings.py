@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping
 
 from server.address import HostAddress, parse_host
+from server.durations import parse_env_keep_alive
 
 
 def _flag(value: str | None) -> bool:
@@ -15,11 +16,30 @@ def _flag(value: str | None) -> bool:
     return bool(value) and value.strip().lower() not in ("0", "false", "f", "no", "off")
 
 
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int) -> int:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{key}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ValueError(f"{key}={value} is below the minimum of {minimum}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     host: HostAddress
     models_dir: Path
     import_default_model: bool = True
+    keep_alive: float = 300.0
+    max_loaded_models: int = 3
+    num_parallel: int = 1
+    max_queue: int = 512
+    load_timeout: float = 300.0
+    context_length: int = 4096
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -28,4 +48,10 @@ class Settings:
             host=parse_host(env.get("BERTH_HOST")),
             models_dir=Path(models).expanduser(),
             import_default_model=not _flag(env.get("BERTH_NO_DEFAULT_MODEL")),
+            keep_alive=parse_env_keep_alive(env.get("BERTH_KEEP_ALIVE")),
+            max_loaded_models=_int(env, "BERTH_MAX_LOADED_MODELS", 3, minimum=1),
+            num_parallel=_int(env, "BERTH_NUM_PARALLEL", 1, minimum=1),
+            max_queue=_int(env, "BERTH_MAX_QUEUE", 512, minimum=0),
+            load_timeout=parse_env_keep_alive(env.get("BERTH_LOAD_TIMEOUT") or "5m"),
+            context_length=_int(env, "BERTH_CONTEXT_LENGTH", 4096, minimum=4),
         )

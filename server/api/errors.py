@@ -9,11 +9,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry.errors import BerthError, CorruptData, InvalidInput, NotFound, SchemaTooNew
+from server.scheduler import QueueFull
 
 log = logging.getLogger("berth.api")
 
 
 def status_for(error: BerthError) -> int:
+    if isinstance(error, QueueFull):
+        return 503
     if isinstance(error, InvalidInput):
         return 400
     if isinstance(error, NotFound):

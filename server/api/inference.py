@@ -1,0 +1,271 @@
+"""Ollama's inference endpoints: generate, chat, embed, embeddings, ps.
+
+Streaming follows Ollama: NDJSON by default; an error before the first line gets its proper
+status and `{"error": ...}`; an error after it is a final `{"error": ...}` line; `stream: false`
+answers once with the whole response.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from registry.errors import BerthError, InvalidInput
+from server import prompt as prompts
+from server.api.body import parse_json
+from server.durations import parse_keep_alive
+from server.inference import ChatInput, GenerateInput, Generation, decode_images, normalize
+from server.context import AppContext
+
+log = logging.getLogger("berth.api")
+router = APIRouter()
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+    stream: bool | None = None
+
+    def model_name(self) -> str:
+        value = self.model or self.name
+        if not value:
+            raise InvalidInput("model is required")
+        return value
+
+
+class GenerateBody(_Request):
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = None
+    format: Any = None
+    images: list[str] | None = None
+    truncate: bool | None = None
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: dict[str, Any] = {}
+    index: int | None = None
+
+
+class ToolCallBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    function: ToolCallFunction
+
+
+class MessageBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+    thinking: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
+class ChatBody(_Request):
+    messages: list[MessageBody] | None = None
+    tools: list[dict[str, Any]] | None = None
+    format: Any = None
+    truncate: bool | None = None
+
+
+class EmbedBody(_Request):
+    input: Any = None
+    truncate: bool | None = None
+    dimensions: int | None = None
+
+
+class EmbeddingsBody(_Request):
+    prompt: str | None = None
+
+
+def _context(request: Request) -> AppContext:
+    return request.app.state.context
+
+
+def _keep_alive(body: _Request, context: AppContext) -> float | None:
+    return None if body.keep_alive is None else parse_keep_alive(body.keep_alive, context.settings.keep_alive)
+
+
+async def respond(chunks: AsyncIterator[dict[str, Any]], stream: bool, merge_key: str) -> Response:
+    """Stream NDJSON, or collect into one object by concatenating `merge_key` text."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        return JSONResponse({"error": "no response from the model"}, status_code=500)
+    if not stream:
+        return JSONResponse(await _collect(first, chunks, merge_key))
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield _line(first)
+        try:
+            async for chunk in chunks:
+                yield _line(chunk)
+        except BerthError as exc:
+            yield _line({"error": exc.message})
+        except Exception as exc:  # noqa: BLE001 - the status is sent; report in-band
+            log.exception("error while streaming")
+            yield _line({"error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            await chunks.aclose()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _line(chunk: dict[str, Any]) -> bytes:
+    return (json.dumps(chunk, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+async def _collect(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], merge_key: str) -> dict[str, Any]:
+    text: list[str] = []
+    calls: list[Any] = []
+    last = first
+    async for chunk in _chain(first, chunks):
+        last = chunk
+        if merge_key == "message":
+            message = chunk.get("message", {})
+            text.append(message.get("content", ""))
+            calls.extend(message.get("tool_calls", []))
+        else:
+            text.append(chunk.get(merge_key, ""))
+    result = dict(last)
+    if merge_key == "message":
+        message = dict(result.get("message", {"role": "assistant"}))
+        message["content"] = "".join(text)
+        if calls:
+            message["tool_calls"] = calls
+        result["message"] = message
+    else:
+        result[merge_key] = "".join(text)
+    return result
+
+
+async def _chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    body = await parse_json(request, GenerateBody)
+    context = _context(request)
+    job = GenerateInput(
+        model=body.model_name(),
+        prompt=body.prompt or "",
+        suffix=body.suffix or "",
+        system=body.system,
+        template=body.template,
+        context=tuple(body.context or ()),
+        raw=bool(body.raw),
+        format=body.format,
+        images=decode_images(body.images),
+        options=body.options,
+        keep_alive=_keep_alive(body, context),
+        truncate=body.truncate is not False,
+    )
+    return await respond(Generation(context.inference).generate(job), body.stream is not False, "response")
+
+
+def _chat_message(body: MessageBody) -> prompts.ChatMessage:
+    from server.tools import ToolCall
+
+    calls = tuple(
+        ToolCall(id=call.id or "", name=call.function.name, arguments=call.function.arguments,
+                 index=call.function.index if call.function.index is not None else i)
+        for i, call in enumerate(body.tool_calls or [])
+    )
+    return prompts.ChatMessage(role=body.role, content=body.content or "", images=decode_images(body.images),
+                               tool_calls=calls, tool_name=body.tool_name, tool_call_id=body.tool_call_id,
+                               thinking=body.thinking)
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    body = await parse_json(request, ChatBody)
+    context = _context(request)
+    job = ChatInput(
+        model=body.model_name(),
+        messages=tuple(_chat_message(m) for m in body.messages or []),
+        tools=tuple(body.tools or ()),
+        format=body.format,
+        options=body.options,
+        keep_alive=_keep_alive(body, context),
+        truncate=body.truncate is not False,
+    )
+    return await respond(Generation(context.inference).chat(job), body.stream is not False, "message")
+
+
+def _inputs(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise InvalidInput("invalid input type")
+
+
+@router.post("/api/embed")
+async def embed(request: Request) -> Response:
+    body = await parse_json(request, EmbedBody)
+    context = _context(request)
+    inference = context.inference
+    inputs = _inputs(body.input)
+    started = time.perf_counter_ns()
+    plan = inference.plan(inference.resolve(body.model_name()), body.options, _keep_alive(body, context))
+    if not inputs:
+        await inference.load_or_unload(plan, "embeddings", [])
+        return JSONResponse({"model": plan.ref.name.display, "embeddings": []})
+    if body.dimensions is not None and body.dimensions < 0:
+        raise InvalidInput("dimensions must be a positive number")
+    vectors, count, load_ns = await inference.embed(plan, inputs, body.truncate is not False)
+    return JSONResponse({
+        "model": plan.ref.name.display,
+        "embeddings": [normalize(v, body.dimensions) for v in vectors],
+        "total_duration": time.perf_counter_ns() - started,
+        "load_duration": load_ns,
+        "prompt_eval_count": count,
+    })
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request) -> Response:
+    body = await parse_json(request, EmbeddingsBody)
+    context = _context(request)
+    inference = context.inference
+    plan = inference.plan(inference.resolve(body.model_name()), body.options, _keep_alive(body, context))
+    if not body.prompt:
+        await inference.load_or_unload(plan, "embedding", [])
+        return JSONResponse({"embedding": []})
+    vectors, _, _ = await inference.embed(plan, [body.prompt], True)
+    return JSONResponse({"embedding": vectors[0]})
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    return {"models": _context(request).scheduler.running()}
+
+

@@ -1,0 +1,363 @@
+"""Generation, chat and embeddings: from a request to a runner and back, without HTTP.
+
+The route layer parses bodies and streams what these functions yield; everything about models,
+options, prompts and statistics is decided here, so it can be tested without a socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+from registry import options as option_table
+from registry.errors import InvalidInput, ModelNotFound
+from registry.library import Library
+from registry.manifest import ADAPTER_LAYER, MODEL_LAYER, PROJECTOR_LAYER
+from server import prompt as prompts
+from server import tools as tool_calls
+from server.models import ModelView, view
+from server.runner import LoadSpec
+from server.scheduler import Lease, ModelRef, Scheduler
+from server.settings import Settings
+
+log = logging.getLogger("berth.inference")
+
+DEFAULT_TEMPLATE = "{{ .Prompt }}"
+MIN_CONTEXT = 4
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A model ready to run: its view (template, system, params...) and where its files are."""
+
+    view: ModelView
+    model_path: str
+    adapter_paths: tuple[str, ...]
+    projector_path: str | None
+    trained_context: int | None
+
+    @property
+    def name(self) -> str:
+        return self.view.stored.name.display
+
+    @property
+    def template(self) -> str:
+        return self.view.template or DEFAULT_TEMPLATE
+
+    def prompt_model(self) -> prompts.PromptModel:
+        history = tuple(
+            prompts.ChatMessage(role=str(m.get("role", "")), content=str(m.get("content", "")))
+            for m in self.view.messages
+        )
+        return prompts.PromptModel(template=self.template, system=self.view.system, messages=history,
+                                   has_projector=self.projector_path is not None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One request's settled choices: the runner to use and the sampling options to send it."""
+
+    ref: ModelRef
+    sampling: dict[str, Any]
+    keep_alive: float | None
+
+
+def decode_images(images: list[str] | None) -> tuple[bytes, ...]:
+    out: list[bytes] = []
+    for i, text in enumerate(images or []):
+        try:
+            out.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"image {i} is not valid base64") from None
+    return tuple(out)
+
+
+def metrics(done: dict[str, Any], started_ns: int, load_ns: int) -> dict[str, Any]:
+    """Ollama's six statistics in nanoseconds, each omitted when zero."""
+    values = {
+        "total_duration": time.perf_counter_ns() - started_ns,
+        "load_duration": load_ns,
+        "prompt_eval_count": done.get("prompt_eval_count", 0),
+        "prompt_eval_duration": done.get("prompt_eval_duration", 0),
+        "eval_count": done.get("eval_count", 0),
+        "eval_duration": done.get("eval_duration", 0),
+    }
+    return {key: value for key, value in values.items() if value}
+
+
+class Inference:
+    def __init__(self, library: Library, scheduler: Scheduler, settings: Settings) -> None:
+        self.library = library
+        self.scheduler = scheduler
+        self.settings = settings
+
+    # -- resolving ------------------------------------------------------------------------------
+
+    def resolve(self, model: str) -> Resolved:
+        try:
+            stored = self.library.get(model)
+        except InvalidInput:
+            raise ModelNotFound(model) from None
+        model_view = view(self.library, stored, with_info=True)
+        manifest = stored.manifest
+        model_layers = manifest.layers_of(MODEL_LAYER)
+        if not model_layers:
+            raise InvalidInput(f'"{stored.name.display}" does not support generate')
+        info = model_view.model_info
+        arch = str(info.get("general.architecture", ""))
+        trained = info.get(f"{arch}.context_length")
+        projectors = manifest.layers_of(PROJECTOR_LAYER)
+        return Resolved(
+            view=model_view,
+            model_path=str(self.library.blob_path(model_layers[0].digest)),
+            adapter_paths=tuple(str(self.library.blob_path(a.digest)) for a in manifest.layers_of(ADAPTER_LAYER)),
+            projector_path=str(self.library.blob_path(projectors[0].digest)) if projectors else None,
+            trained_context=int(trained) if isinstance(trained, int) and trained > 0 else None,
+        )
+
+    def plan(self, resolved: Resolved, request_options: dict[str, Any] | None, keep_alive: float | None) -> Plan:
+        """Merge defaults, the model's parameters and the request's options; split load-time ones off."""
+        parsed = option_table.parse_options(request_options)
+        if parsed.ignored:
+            log.warning("ignoring unknown or retired options: %s", ", ".join(parsed.ignored))
+        model_params = option_table.parse_options(
+            {k: v for k, v in resolved.view.parameters.items() if k in option_table.OPTION_SPECS}
+        ).values
+        merged = option_table.merge(option_table.default_options(), model_params, parsed.values)
+        num_ctx = int(merged.get("num_ctx") or self.settings.context_length)
+        if resolved.trained_context:
+            num_ctx = min(num_ctx, resolved.trained_context)
+        num_ctx = max(num_ctx, MIN_CONTEXT)
+        spec = LoadSpec(
+            model_path=resolved.model_path,
+            adapter_paths=resolved.adapter_paths,
+            projector_path=resolved.projector_path,
+            num_ctx=num_ctx,
+            num_batch=int(merged.get("num_batch", 512)),
+            num_gpu=int(merged.get("num_gpu", -1)),
+            main_gpu=int(merged.get("main_gpu", 0) or 0),
+            use_mmap=merged.get("use_mmap") if isinstance(merged.get("use_mmap"), bool) else None,
+            num_thread=int(merged.get("num_thread", 0) or 0),
+        )
+        sampling = {k: (list(v) if isinstance(v, tuple) else v) for k, v in merged.items()
+                    if k not in option_table.RUNNER_OPTIONS}
+        ref = ModelRef(name=resolved.view.stored.name, digest=resolved.view.stored.manifest.digest, spec=spec,
+                       details=resolved.view.config.details(), size=resolved.view.stored.manifest.size)
+        return Plan(ref=ref, sampling=sampling, keep_alive=keep_alive)
+
+    # -- load / unload requests -----------------------------------------------------------------
+
+    async def load_or_unload(self, plan: Plan, key: str, empty: Any) -> dict[str, Any]:
+        """Ollama's empty request: load the model (or unload it with keep_alive 0)."""
+        base = {"model": plan.ref.name.display, "created_at": now_rfc3339(), key: empty, "done": True}
+        if plan.keep_alive is not None and plan.keep_alive == 0:
+            await self.scheduler.unload(plan.ref.digest)
+            return {**base, "created_at": now_rfc3339(), "done_reason": "unload"}
+        lease = await self.scheduler.acquire(plan.ref, plan.keep_alive)
+        lease.release()
+        return {**base, "created_at": now_rfc3339(), "done_reason": "load"}
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def run(self, lease: Lease, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream runner messages for one generation while holding a slot."""
+        async with lease:
+            async for message in lease.runner.stream("generate", payload):
+                yield message
+
+    async def count_tokens(self, lease: Lease, text: str) -> int:
+        result = await lease.runner.call("tokenize", {"text": text})
+        return len(result["tokens"])
+
+    async def detokenize(self, lease: Lease, tokens: list[int]) -> str:
+        result = await lease.runner.call("detokenize", {"tokens": tokens})
+        return str(result["text"])
+
+    async def embed(self, plan: Plan, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int, int]:
+        """Raw (un-normalised) vectors, the token count and the load duration."""
+        lease = await self.scheduler.acquire(plan.ref, plan.keep_alive)
+        async with lease:
+            result = await lease.runner.call("embed", {"inputs": inputs, "truncate": truncate})
+        return result["embeddings"], int(result.get("prompt_eval_count", 0)), lease.load_duration_ns
+
+
+def normalize(vector: list[float], dimensions: int | None = None) -> list[float]:
+    """Cut to `dimensions` (if given) and scale to unit length, as Ollama's /api/embed."""
+    if dimensions is not None and 0 < dimensions < len(vector):
+        vector = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else list(vector)
+
+
+def tool_parser_for(template: str, tools: list[dict[str, Any]] | None) -> tool_calls.ToolCallParser | None:
+    if not tools:
+        return None
+    marker = tool_calls.tool_call_marker(template)
+    return tool_calls.ToolCallParser(marker) if marker is not None else None
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    model: str
+    prompt: str = ""
+    suffix: str = ""
+    system: str | None = None
+    template: str | None = None
+    context: tuple[int, ...] = ()
+    raw: bool = False
+    format: Any = None
+    images: tuple[bytes, ...] = ()
+    options: dict[str, Any] | None = None
+    keep_alive: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    model: str
+    messages: tuple[prompts.ChatMessage, ...]
+    tools: tuple[dict[str, Any], ...] = ()
+    format: Any = None
+    options: dict[str, Any] | None = None
+    keep_alive: float | None = None
+    truncate: bool = True
+
+
+def check_format(value: Any) -> Any:
+    """`format`: absent, "" or null = free text; "json"; or a JSON Schema object."""
+    if value in (None, ""):
+        return None
+    if value == "json" or isinstance(value, dict):
+        return value
+    raise InvalidInput(f'invalid format: {value!r}; expected "json" or a valid JSON Schema object')
+
+
+class Generation:
+    """One generate or chat request, from prompt to streamed chunks."""
+
+    def __init__(self, inference: Inference) -> None:
+        self.inference = inference
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[dict[str, Any]]:
+        started = time.perf_counter_ns()
+        if request.raw and (request.template or request.system or request.context):
+            raise InvalidInput("raw mode does not support template, system, or context")
+        fmt = check_format(request.format)
+        resolved = self.inference.resolve(request.model)
+        self._check_images(resolved, request.images)
+        plan = self.inference.plan(resolved, request.options, request.keep_alive)
+        if not request.prompt and not request.suffix and not request.images:
+            yield await self.inference.load_or_unload(plan, "response", "")
+            return
+        lease = await self.inference.scheduler.acquire(plan.ref, plan.keep_alive)
+        try:
+            text, images = await self._generate_prompt(resolved, request, lease)
+        except BaseException:
+            lease.release()
+            raise
+        payload = {"prompt": text, "options": plan.sampling, "format": fmt, "images": list(images),
+                   "add_bos": True}
+        name = resolved.name
+        async for message in self.inference.run(lease, payload):
+            if message["type"] == "token":
+                yield {"model": name, "created_at": now_rfc3339(), "response": message["text"], "done": False}
+            elif message["type"] == "done":
+                final: dict[str, Any] = {"model": name, "created_at": now_rfc3339(), "response": "", "done": True,
+                                         "done_reason": message["done_reason"]}
+                if not request.raw:
+                    final["context"] = message["tokens"]
+                final.update(metrics(message, started, lease.load_duration_ns))
+                yield final
+
+    async def _generate_prompt(self, resolved: Resolved, request: GenerateInput,
+                               lease: Lease) -> tuple[str, tuple[bytes, ...]]:
+        if request.raw:
+            return request.prompt, request.images
+        if request.suffix:
+            return prompts.render_suffix(request.template or resolved.template, request.prompt, request.suffix), ()
+        model = resolved.prompt_model()
+        messages = prompts.generate_messages(model, request.prompt, request.system, request.images,
+                                             use_history=not request.context)
+        template = request.template or resolved.template
+        if request.truncate and not request.template:
+            messages = await self._fit(template, messages, lease, resolved, None)
+        rendered = prompts.render_chat(template, messages)
+        text = rendered.text
+        if request.context:
+            text = await self.inference.detokenize(lease, list(request.context)) + text
+        return text, tuple(rendered.images)
+
+    async def chat(self, request: ChatInput) -> AsyncIterator[dict[str, Any]]:
+        started = time.perf_counter_ns()
+        fmt = check_format(request.format)
+        resolved = self.inference.resolve(request.model)
+        if request.tools and "tools" not in tool_calls.capabilities_from_template(resolved.template):
+            raise InvalidInput(f"{resolved.view.stored.name} does not support tools")
+        for message in request.messages:
+            self._check_images(resolved, message.images)
+        plan = self.inference.plan(resolved, request.options, request.keep_alive)
+        if not request.messages:
+            yield await self.inference.load_or_unload(plan, "message", {"role": "assistant", "content": ""})
+            return
+        lease = await self.inference.scheduler.acquire(plan.ref, plan.keep_alive)
+        try:
+            messages = prompts.chat_messages(resolved.prompt_model(), list(request.messages))
+            tools = list(request.tools) or None
+            if request.truncate:
+                messages = await self._fit(resolved.template, messages, lease, resolved, tools)
+            rendered = prompts.render_chat(resolved.template, messages, tools=tools)
+        except BaseException:
+            lease.release()
+            raise
+        payload = {"prompt": rendered.text, "options": plan.sampling, "format": fmt,
+                   "images": list(rendered.images), "add_bos": True}
+        parser = tool_parser_for(resolved.template, tools)
+        name = resolved.name
+
+        def chunk(content: str, calls: list[tool_calls.ToolCall]) -> dict[str, Any]:
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [call.to_json() for call in calls]
+            return {"model": name, "created_at": now_rfc3339(), "message": message, "done": False}
+
+        async for message in self.inference.run(lease, payload):
+            if message["type"] == "token":
+                content, calls = parser.feed(message["text"]) if parser else (message["text"], [])
+                if content or calls:
+                    yield chunk(content, calls)
+            elif message["type"] == "done":
+                if parser:
+                    content, calls = parser.finish()
+                    if content or calls:
+                        yield chunk(content, calls)
+                final = chunk("", [])
+                final.update(done=True, done_reason=message["done_reason"])
+                final.update(metrics(message, started, lease.load_duration_ns))
+                yield final
+
+    async def _fit(self, template: str, messages: list[prompts.ChatMessage], lease: Lease, resolved: Resolved,
+                   tools: list[dict[str, Any]] | None) -> list[prompts.ChatMessage]:
+        async def count(text: str) -> int:
+            return await self.inference.count_tokens(lease, text)
+
+        return await prompts.fit_messages_async(template, messages, num_ctx=lease.loaded.context_length,
+                                                count_tokens=count, tools=tools,
+                                                image_tokens=768 if resolved.projector_path else 0)
+
+    @staticmethod
+    def _check_images(resolved: Resolved, images: tuple[bytes, ...]) -> None:
+        if images and resolved.projector_path is None:
+            raise InvalidInput(
+                f'"{resolved.name}" does not support images: it has no vision projector layer; '
+                "use a multimodal model or remove the images"
+            )

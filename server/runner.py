@@ -1,0 +1,344 @@
+"""The runner: a child process that owns one loaded model and answers requests over a pipe.
+
+The API process never loads weights. Each loaded model lives in a process started with *spawn*
+(fork after llama.cpp is initialised hangs), so a crash, an OOM or a hostile file takes down one
+runner, and ending the process really frees its memory, GPU memory included.
+
+Inside the runner one thread owns the `Llama` objects (they are not thread-safe); a reader
+thread only receives messages, so a cancel can arrive while a generation runs.
+
+Protocol (pickled dicts over a `multiprocessing` connection):
+  parent -> runner: {"op": "generate" | "embed" | "tokenize" | "cancel", "id": int, ...}
+  runner -> parent: {"type": "ready", ...} once, then per request {"id", "type": "token" | "done"
+                    | "error" | "result", ...}
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+class InputError(ValueError):
+    """A request the runner cannot serve as asked (reported to the client as a 400)."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What a runner loads, and the load-time options that make it a different runner."""
+
+    model_path: str
+    adapter_paths: tuple[str, ...] = ()
+    projector_path: str | None = None
+    num_ctx: int = 4096
+    num_batch: int = 512
+    num_gpu: int = -1
+    main_gpu: int = 0
+    use_mmap: bool | None = None
+    num_thread: int = 0
+
+
+@dataclass
+class GenerateJob:
+    id: int
+    prompt: str
+    tokens: list[int] | None
+    options: dict[str, Any]
+    grammar: str | None
+    add_bos: bool = True
+
+
+@dataclass
+class _Stats:
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+def gpu_layers(spec: LoadSpec, supports_gpu: bool) -> int:
+    """num_gpu -1 means all layers when llama.cpp has a GPU backend; otherwise what was asked."""
+    if not supports_gpu:
+        return 0
+    if spec.num_gpu < 0:
+        return -1  # llama.cpp: offload every layer
+    return spec.num_gpu
+
+
+class _Runner:
+    def __init__(self, conn: Connection, spec: LoadSpec) -> None:
+        import llama_cpp
+
+        self.conn = conn
+        self.spec = spec
+        self.llama_cpp = llama_cpp
+        self.supports_gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        self.n_gpu_layers = gpu_layers(spec, self.supports_gpu)
+        threads = spec.num_thread if spec.num_thread > 0 else None
+        self.llm = llama_cpp.Llama(
+            model_path=spec.model_path,
+            n_ctx=spec.num_ctx,
+            n_batch=spec.num_batch,
+            n_gpu_layers=self.n_gpu_layers,
+            main_gpu=spec.main_gpu,
+            use_mmap=spec.use_mmap if spec.use_mmap is not None else True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            lora_path=spec.adapter_paths[0] if spec.adapter_paths else None,
+            verbose=False,
+        )
+        self.embedder: Any = None
+        self.cancelled: set[int] = set()
+        self.cancel_lock = threading.Lock()
+        self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    # -- messaging ------------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.conn.send(message)
+
+    def read_loop(self) -> None:
+        """Reader thread: route cancels at once, queue everything else for the owner thread."""
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                self.jobs.put(None)  # the parent is gone: stop
+                return
+            if message.get("op") == "cancel":
+                with self.cancel_lock:
+                    self.cancelled.add(message["id"])
+            elif message.get("op") == "shutdown":
+                self.jobs.put(None)
+                return
+            else:
+                self.jobs.put(message)
+
+    def is_cancelled(self, job_id: int) -> bool:
+        with self.cancel_lock:
+            return job_id in self.cancelled
+
+    def forget(self, job_id: int) -> None:
+        with self.cancel_lock:
+            self.cancelled.discard(job_id)
+
+    def serve(self) -> None:
+        threading.Thread(target=self.read_loop, name="runner-reader", daemon=True).start()
+        while (message := self.jobs.get()) is not None:
+            job_id = message.get("id", -1)
+            try:
+                op = message.get("op")
+                if op == "generate":
+                    self.generate(message)
+                elif op == "embed":
+                    self.embed(message)
+                elif op == "tokenize":
+                    tokens = self.llm.tokenize(message["text"].encode(), add_bos=message.get("add_bos", True),
+                                               special=True)
+                    self.send({"id": job_id, "type": "result", "tokens": list(tokens)})
+                elif op == "detokenize":
+                    text = self.llm.detokenize(message["tokens"]).decode("utf-8", errors="replace")
+                    self.send({"id": job_id, "type": "result", "text": text})
+                else:
+                    self.send({"id": job_id, "type": "error", "message": f"unknown runner operation {op!r}"})
+            except InputError as exc:
+                self.send({"id": job_id, "type": "error", "kind": "input", "message": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the runner
+                self.send({"id": job_id, "type": "error", "message": f"{type(exc).__name__}: {exc}"})
+            finally:
+                self.forget(job_id)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, message: dict[str, Any]) -> None:
+        llama_cpp = self.llama_cpp
+        llm = self.llm
+        job_id: int = message["id"]
+        opts: dict[str, Any] = message.get("options", {})
+        if message.get("tokens") is not None:
+            tokens = list(message["tokens"])
+        else:
+            tokens = list(llm.tokenize(message["prompt"].encode(), add_bos=message.get("add_bos", True),
+                                       special=True))
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise InputError(
+                f"the prompt is {len(tokens)} tokens, which does not fit the context of {n_ctx}; "
+                "raise num_ctx or shorten the prompt"
+            )
+        grammar = self.grammar_for(message.get("format"))
+        seed = int(opts.get("seed", -1))
+        llm.set_seed(seed if seed >= 0 else random.randint(0, 2**31 - 1))
+        num_predict = int(opts.get("num_predict", -1))
+        stops: list[str] = [s for s in opts.get("stop", ()) if s]
+        repeat_last_n = int(opts.get("repeat_last_n", 64))
+        llm.last_n_tokens_size = n_ctx if repeat_last_n < 0 else repeat_last_n  # type: ignore[attr-defined]
+
+        eog = llm._model.token_eos()  # noqa: SLF001
+        vocab = llm._model.vocab if hasattr(llm._model, "vocab") else None  # noqa: SLF001
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""  # decoded text held back because it may be the start of a stop string
+        stats = _Stats()
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        started = time.perf_counter_ns()
+        first_token_at = started
+        reason = "stop"
+        generator = llm.generate(
+            tokens,
+            top_k=int(opts.get("top_k", 40)),
+            top_p=float(opts.get("top_p", 0.9)),
+            min_p=float(opts.get("min_p", 0.0)),
+            typical_p=float(opts.get("typical_p", 1.0)),
+            temp=float(opts.get("temperature", 0.8)),
+            repeat_penalty=float(opts.get("repeat_penalty", 1.0)),
+            frequency_penalty=float(opts.get("frequency_penalty", 0.0)),
+            presence_penalty=float(opts.get("presence_penalty", 0.0)),
+            grammar=grammar,
+            reset=True,
+        )
+        try:
+            for token in generator:
+                if stats.eval_count == 0:
+                    first_token_at = time.perf_counter_ns()
+                if self.is_cancelled(job_id):
+                    reason = "cancel"
+                    break
+                if token == eog or (vocab is not None and llama_cpp.llama_vocab_is_eog(vocab, token)):
+                    break
+                stats.eval_count += 1
+                stats.tokens.append(token)
+                piece = llm.detokenize([token], prev_tokens=tokens + stats.tokens[:-1])
+                pending += decoder.decode(piece)
+                emit, pending, hit = _split_at_stop(pending, stops)
+                if emit:
+                    self.send({"id": job_id, "type": "token", "text": emit})
+                if hit:
+                    pending = ""
+                    break
+                if 0 <= num_predict <= stats.eval_count:
+                    reason = "length"
+                    break
+                if len(tokens) + stats.eval_count >= n_ctx:
+                    reason = "length"
+                    break
+        finally:
+            generator.close()
+        finished = time.perf_counter_ns()
+        tail = pending + decoder.decode(b"", final=True)
+        if tail and reason != "cancel":
+            self.send({"id": job_id, "type": "token", "text": tail})
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        self.send({
+            "id": job_id,
+            "type": "done",
+            "done_reason": reason,
+            "prompt_eval_count": max(int(perf.n_p_eval), 1) if tokens else 0,
+            "prompt_tokens": len(tokens),
+            "prompt_eval_duration": first_token_at - started,
+            "eval_count": stats.eval_count,
+            "eval_duration": finished - first_token_at,
+            "tokens": tokens + stats.tokens,
+        })
+
+    def grammar_for(self, fmt: Any) -> Any:
+        """`format` "json" or a JSON Schema object, as a llama.cpp grammar (None for free text)."""
+        if not fmt:
+            return None
+        from llama_cpp import llama_grammar
+
+        try:
+            if fmt == "json":
+                return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+            return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(fmt), verbose=False)
+        except Exception as exc:  # noqa: BLE001 - the converter raises many kinds for bad schemas
+            raise InputError(f"invalid format: the JSON schema cannot be turned into a grammar: {exc}") from None
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    def embed(self, message: dict[str, Any]) -> None:
+        embedder = self.embedding_model()
+        limit = embedder.n_ctx()
+        vectors: list[list[float]] = []
+        counts = 0
+        started = time.perf_counter_ns()
+        for text in message["inputs"]:
+            tokens = embedder.tokenize(text.encode(), add_bos=True, special=True)
+            if len(tokens) > limit:
+                if not message.get("truncate", True):
+                    raise InputError("the input length exceeds the context length")
+                tokens = tokens[:limit]
+                text = embedder.detokenize(tokens[1:]).decode("utf-8", errors="replace")
+            counts += len(tokens)
+            vector = embedder.embed(text, normalize=False, truncate=True)
+            vectors.append([float(x) for x in vector])
+        self.send({"id": message["id"], "type": "result", "embeddings": vectors, "prompt_eval_count": counts,
+                   "duration": time.perf_counter_ns() - started})
+
+    def embedding_model(self) -> Any:
+        """A second context over the same weights (mmap shares them) made for pooled embeddings."""
+        if self.embedder is None:
+            llama_cpp = self.llama_cpp
+            arch = self.llm.metadata.get("general.architecture", "")
+            declared = self.llm.metadata.get(f"{arch}.pooling_type")
+            # Generative models declare no pooling; mean pooling gives one vector per input.
+            pooling = int(declared) if declared not in (None, "0") else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            self.embedder = llama_cpp.Llama(
+                model_path=self.spec.model_path,
+                n_ctx=self.spec.num_ctx,
+                n_batch=self.spec.num_ctx,
+                n_ubatch=self.spec.num_ctx,
+                n_gpu_layers=self.n_gpu_layers,
+                n_threads=self.spec.num_thread or None,
+                embedding=True,
+                pooling_type=pooling,
+                verbose=False,
+            )
+        return self.embedder
+
+
+def _split_at_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
+    """Split decoded text into (safe to emit, held back, stop seen).
+
+    Text that ends with a proper prefix of a stop string is held back until it either completes
+    the stop (which is then dropped, with everything after it) or diverges.
+    """
+    if not stops:
+        return text, "", False
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0:
+            return text[:index], "", True
+    hold = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:length]):
+                hold = max(hold, length)
+                break
+    return (text[:-hold], text[-hold:], False) if hold else (text, "", False)
+
+
+def runner_main(conn: Connection, spec: LoadSpec) -> None:
+    """Entry point of the runner process."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        runner = _Runner(conn, spec)
+    except Exception as exc:  # noqa: BLE001 - report any load failure to the parent
+        conn.send({"type": "load_error", "message": f"{type(exc).__name__}: {exc}"})
+        return
+    conn.send({
+        "type": "ready",
+        "n_ctx": runner.llm.n_ctx(),
+        "gpu": runner.supports_gpu and runner.n_gpu_layers != 0,
+        "n_gpu_layers": runner.n_gpu_layers,
+        "pid": os.getpid(),
+    })
+    runner.serve()
