@@ -21,7 +21,7 @@ def parse_go_duration(text: str) -> float:
     """Seconds in a Go duration string; raises InvalidInput with Go's wording."""
     original = text
     sign = 1.0
-    if text[:1] in "+-":
+    if text and text[0] in "+-":
         sign = -1.0 if text[0] == "-" else 1.0
         text = text[1:]
     if text == "0":

@@ -1,0 +1,42 @@
+"""Runner helpers that do not need a model: GPU layer choice and stop-string hold-back."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.runner import LoadSpec, _split_at_stop, gpu_layers
+
+
+def test_without_a_gpu_backend_everything_runs_on_the_cpu() -> None:
+    for num_gpu in (-1, 0, 10, 999):
+        assert gpu_layers(LoadSpec(model_path="m", num_gpu=num_gpu), supports_gpu=False) == 0
+
+
+def test_with_a_gpu_backend_num_gpu_maps_to_layers() -> None:
+    assert gpu_layers(LoadSpec(model_path="m", num_gpu=-1), supports_gpu=True) == -1  # all layers
+    assert gpu_layers(LoadSpec(model_path="m", num_gpu=0), supports_gpu=True) == 0
+    assert gpu_layers(LoadSpec(model_path="m", num_gpu=12), supports_gpu=True) == 12
+
+
+def test_stop_strings_are_cut_and_prefixes_held_back() -> None:
+    assert _split_at_stop("hello <end", ["<end_of_turn>"]) == ("hello ", "<end", False)
+    assert _split_at_stop("hello <end_of_turn> more", ["<end_of_turn>"]) == ("hello ", "", True)
+    assert _split_at_stop("hello <x", ["<end_of_turn>"]) == ("hello <x", "", False)
+    assert _split_at_stop("anything", []) == ("anything", "", False)
+
+
+@given(st.lists(st.text(alphabet="ab<>", max_size=4), max_size=12))
+def test_streaming_through_stop_holdback_equals_cutting_the_whole_text(pieces: list[str]) -> None:
+    stops = ["<ab>", "ba"]
+    emitted, pending, hit = "", "", False
+    for piece in pieces:
+        out, pending, hit = _split_at_stop(pending + piece, stops)
+        emitted += out
+        if hit:
+            break
+    if not hit:
+        emitted += pending
+    whole = "".join(pieces)
+    cut = min((whole.find(s) for s in stops if s in whole), default=-1)
+    assert emitted == (whole[:cut] if cut >= 0 else whole)
