@@ -106,3 +106,29 @@ def fresh_server(tmp_path: Path) -> Iterator[BerthServer]:
 def http(server: BerthServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
+
+
+def add_variant(models_dir: Path, name: str, *, template: str | None = None, system: str | None = None,
+                parameters: dict | None = None, base: str = "gemma3:270m") -> None:
+    """Add a model sharing `base`'s weights with its own template/system/params, straight into a
+    store (the catalog is SQLite in WAL mode, so a running server sees it at once)."""
+    from registry.builder import ModelBuilder
+    from registry.library import Library
+    from registry.manifest import MODEL_LAYER, PARAMS_LAYER, SYSTEM_LAYER, TEMPLATE_LAYER
+    from registry.names import ModelName
+
+    library = Library(models_dir)
+    try:
+        stored = library.get(base)
+        weights = stored.manifest.layers_of(MODEL_LAYER)[0]
+        builder = ModelBuilder(library)
+        builder.add_blob(MODEL_LAYER, weights.digest, weights.size)
+        if template is not None:
+            builder.add_text(TEMPLATE_LAYER, template)
+        if system is not None:
+            builder.add_text(SYSTEM_LAYER, system)
+        if parameters:
+            builder.add_json(PARAMS_LAYER, parameters)
+        builder.commit(ModelName.parse(name), library.config(stored.manifest))
+    finally:
+        library.close()

@@ -119,3 +119,28 @@ def test_a_catalog_from_a_newer_berth_stops_the_server_cleanly(tmp_path: Path) -
     assert result.returncode != 0
     assert "newer Berth" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_ps_and_stop(fresh_server: BerthServer) -> None:
+    import httpx
+
+    env = fresh_server.env()
+    assert berth("ps", env=env).stdout.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
+    not_running = berth("stop", DEFAULT_MODEL_NAME, env=env, check=False)
+    assert not_running.returncode == 1
+    assert f'couldn\'t find model "{DEFAULT_MODEL_NAME}" to stop' in not_running.stderr
+    httpx.post(fresh_server.url + "/api/generate", json={"model": DEFAULT_MODEL_NAME}, timeout=120)
+    rows = berth("ps", env=env).stdout.splitlines()
+    row = next(line for line in rows if line.startswith(DEFAULT_MODEL_NAME))
+    assert "100% CPU" in row and "4096" in row and "from now" in row
+    berth("stop", DEFAULT_MODEL_NAME, env=env)
+    assert DEFAULT_MODEL_NAME not in berth("ps", env=env).stdout
+
+
+def test_processor_column() -> None:
+    from cli.main import processor
+
+    assert processor(100, 0) == "100% CPU"
+    assert processor(100, 100) == "100% GPU"
+    assert processor(100, 25) == "75%/25% CPU/GPU"
+    assert processor(100, 200) == "Unknown"
