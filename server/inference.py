@@ -19,6 +19,7 @@ from registry import options as option_table
 from registry.errors import InvalidInput, ModelNotFound
 from registry.library import Library
 from registry.manifest import ADAPTER_LAYER, MODEL_LAYER, PROJECTOR_LAYER
+from server import jinja_prompt
 from server import prompt as prompts
 from server import tools as tool_calls
 from server.models import ModelView, view
@@ -220,6 +221,7 @@ class GenerateInput:
     options: dict[str, Any] | None = None
     keep_alive: float | None = None
     truncate: bool = True
+    think: bool | str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,21 @@ class ChatInput:
     options: dict[str, Any] | None = None
     keep_alive: float | None = None
     truncate: bool = True
+    think: bool | str | None = None
+
+
+THINK_LEVELS = ("low", "medium", "high", "max")
+
+
+def check_think(value: Any, resolved: "Resolved") -> bool | str | None:
+    """`think`: true/false or a level; asking a model without the capability to think is a 400."""
+    if value is None or value is False:
+        return value
+    if value is not True and value not in THINK_LEVELS:
+        raise InvalidInput(f'invalid think value {value!r}; use true, false, "low", "medium", "high" or "max"')
+    if "thinking" not in tool_calls.capabilities_from_template(resolved.template):
+        raise InvalidInput(f'"{resolved.name}" does not support thinking')
+    return value
 
 
 def check_format(value: Any) -> Any:
@@ -255,13 +272,14 @@ class Generation:
         fmt = check_format(request.format)
         resolved = self.inference.resolve(request.model)
         self._check_images(resolved, request.images)
+        think = check_think(request.think, resolved)
         plan = self.inference.plan(resolved, request.options, request.keep_alive)
         if not request.prompt and not request.suffix and not request.images:
             yield await self.inference.load_or_unload(plan, "response", "")
             return
         lease = await self.inference.scheduler.acquire(plan.ref, plan.keep_alive)
         try:
-            text, images = await self._generate_prompt(resolved, request, lease)
+            text, images = await self._generate_prompt(resolved, request, lease, think)
         except BaseException:
             lease.release()
             raise
@@ -279,28 +297,34 @@ class Generation:
                 final.update(metrics(message, started, lease.load_duration_ns))
                 yield final
 
-    async def _generate_prompt(self, resolved: Resolved, request: GenerateInput,
-                               lease: Lease) -> tuple[str, tuple[bytes, ...]]:
+    async def _generate_prompt(self, resolved: Resolved, request: GenerateInput, lease: Lease,
+                               think: bool | str | None) -> tuple[str, tuple[bytes, ...]]:
         if request.raw:
             return request.prompt, request.images
         if request.suffix:
-            return prompts.render_suffix(request.template or resolved.template, request.prompt, request.suffix), ()
+            template = request.template or resolved.template
+            return prompts.render_suffix(template, request.prompt, request.suffix, think=think), ()
         model = resolved.prompt_model()
         messages = prompts.generate_messages(model, request.prompt, request.system, request.images,
                                              use_history=not request.context)
-        template = request.template or resolved.template
-        if request.truncate and not request.template:
-            messages = await self._fit(template, messages, lease, resolved, None)
-        rendered = prompts.render_chat(template, messages)
-        text = rendered.text
+        if request.template is None and (gguf_template := self._gguf_template(resolved, lease)):
+            text = await self._render_gguf(gguf_template, messages, lease, None, request.truncate)
+            images: tuple[bytes, ...] = ()
+        else:
+            template = request.template or resolved.template
+            if request.truncate and not request.template:
+                messages = await self._fit(template, messages, lease, resolved, None)
+            rendered = prompts.render_chat(template, messages, think=think)
+            text, images = rendered.text, tuple(rendered.images)
         if request.context:
             text = await self.inference.detokenize(lease, list(request.context)) + text
-        return text, tuple(rendered.images)
+        return text, images
 
     async def chat(self, request: ChatInput) -> AsyncIterator[dict[str, Any]]:
         started = time.perf_counter_ns()
         fmt = check_format(request.format)
         resolved = self.inference.resolve(request.model)
+        think = check_think(request.think, resolved)
         if request.tools and "tools" not in tool_calls.capabilities_from_template(resolved.template):
             raise InvalidInput(f"{resolved.view.stored.name} does not support tools")
         for message in request.messages:
@@ -313,9 +337,13 @@ class Generation:
         try:
             messages = prompts.chat_messages(resolved.prompt_model(), list(request.messages))
             tools = list(request.tools) or None
-            if request.truncate:
-                messages = await self._fit(resolved.template, messages, lease, resolved, tools)
-            rendered = prompts.render_chat(resolved.template, messages, tools=tools)
+            if gguf_template := self._gguf_template(resolved, lease):
+                rendered = prompts.RenderedPrompt(
+                    await self._render_gguf(gguf_template, messages, lease, tools, request.truncate))
+            else:
+                if request.truncate:
+                    messages = await self._fit(resolved.template, messages, lease, resolved, tools)
+                rendered = prompts.render_chat(resolved.template, messages, tools=tools, think=think)
         except BaseException:
             lease.release()
             raise
@@ -353,6 +381,27 @@ class Generation:
         return await prompts.fit_messages_async(template, messages, num_ctx=lease.loaded.context_length,
                                                 count_tokens=count, tools=tools,
                                                 image_tokens=768 if resolved.projector_path else 0)
+
+    @staticmethod
+    def _gguf_template(resolved: Resolved, lease: Lease) -> str | None:
+        """The GGUF's Jinja chat template, used only when the model has no TEMPLATE layer."""
+        if resolved.view.template is not None:
+            return None
+        template = lease.runner.info.get("chat_template")
+        return template if isinstance(template, str) and template.strip() else None
+
+    async def _render_gguf(self, template: str, messages: list[prompts.ChatMessage], lease: Lease,
+                           tools: list[dict[str, Any]] | None, truncate: bool) -> str:
+        info = lease.runner.info
+        tokens = {"bos_token": str(info.get("bos_token", "")), "eos_token": str(info.get("eos_token", ""))}
+        if not truncate:
+            return jinja_prompt.render(template, messages, tools=tools, **tokens)
+
+        async def count(text: str) -> int:
+            return await self.inference.count_tokens(lease, text)
+
+        return await jinja_prompt.fit_and_render(template, messages, num_ctx=lease.loaded.context_length,
+                                                 count_tokens=count, tools=tools, **tokens)
 
     @staticmethod
     def _check_images(resolved: Resolved, images: tuple[bytes, ...]) -> None:

@@ -326,6 +326,12 @@ def _split_at_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
     return (text[:-hold], text[-hold:], False) if hold else (text, "", False)
 
 
+def _token_text(llm: Any, token: int) -> str:
+    if token < 0:
+        return ""
+    return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+
 def runner_main(conn: Connection, spec: LoadSpec) -> None:
     """Entry point of the runner process."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -334,9 +340,14 @@ def runner_main(conn: Connection, spec: LoadSpec) -> None:
     except Exception as exc:  # noqa: BLE001 - report any load failure to the parent
         conn.send({"type": "load_error", "message": f"{type(exc).__name__}: {exc}"})
         return
+    llm = runner.llm
     conn.send({
         "type": "ready",
-        "n_ctx": runner.llm.n_ctx(),
+        "n_ctx": llm.n_ctx(),
+        # For models without a TEMPLATE layer the server renders the GGUF's own chat template.
+        "chat_template": llm.metadata.get("tokenizer.chat_template"),
+        "bos_token": _token_text(llm, llm.token_bos()),
+        "eos_token": _token_text(llm, llm.token_eos()),
         "gpu": runner.supports_gpu and runner.n_gpu_layers != 0,
         "n_gpu_layers": runner.n_gpu_layers,
         "pid": os.getpid(),

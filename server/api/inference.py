@@ -53,6 +53,7 @@ class GenerateBody(_Request):
     format: Any = None
     images: list[str] | None = None
     truncate: bool | None = None
+    think: bool | str | None = None
 
 
 class ToolCallFunction(BaseModel):
@@ -89,6 +90,7 @@ class ChatBody(_Request):
     tools: list[dict[str, Any]] | None = None
     format: Any = None
     truncate: bool | None = None
+    think: bool | str | None = None
 
 
 class EmbedBody(_Request):
@@ -185,6 +187,7 @@ async def generate(request: Request) -> Response:
         options=body.options,
         keep_alive=_keep_alive(body, context),
         truncate=body.truncate is not False,
+        think=body.think,
     )
     return await respond(Generation(context.inference).generate(job), body.stream is not False, "response")
 
@@ -214,6 +217,7 @@ async def chat(request: Request) -> Response:
         options=body.options,
         keep_alive=_keep_alive(body, context),
         truncate=body.truncate is not False,
+        think=body.think,
     )
     return await respond(Generation(context.inference).chat(job), body.stream is not False, "message")
 

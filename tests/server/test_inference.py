@@ -170,6 +170,11 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(server: BerthServer, htt
         ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                        "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not support tools"),
         ("/api/chat", {"model": MODEL, "messages": "hi"}, 400, "invalid request"),
+        ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "think": True}, 400,
+         f'"{MODEL}" does not support thinking'),
+        ("/api/generate", {"model": MODEL, "prompt": "hi", "think": "extreme"}, 400, "invalid think value"),
+        ("/api/generate", {"model": MODEL, "prompt": "hi", "format": {"type": "object", "properties": {
+            "a": {"$ref": "#/$defs/missing"}}}}, 400, "invalid format"),
         ("/api/embed", {"model": MODEL, "input": [1, 2]}, 400, "invalid input type"),
         ("/api/embed", {"model": "missing:1", "input": "x"}, 404, "not found"),
     ],
