@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from registry.errors import SchemaTooNew
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 CATALOG_FILE = "catalog.db"
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str) -> "Config":
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.set_main_option("sqlalchemy.url", url)
@@ -43,6 +46,12 @@ def open_engine(root: Path) -> Engine:
 
 def upgrade(engine: Engine) -> None:
     """Apply pending migrations; refuse a catalog written by a newer Berth (never downgrade)."""
+    if _current_revisions(engine) == [migrations.HEAD]:
+        return  # up to date: no need to load Alembic (a tenth of a second at every start)
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     config = alembic_config(str(engine.url))
     script = ScriptDirectory.from_config(config)
     with engine.connect() as connection:
@@ -58,6 +67,15 @@ def upgrade(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def _current_revisions(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        exists = connection.execute(
+            text("SELECT name FROM sqlite_master WHERE type='table' AND name='alembic_version'")).first()
+        if not exists:
+            return []
+        return [row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))]
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -51,6 +51,15 @@ def test_migrations_create_the_schema_from_empty(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_head_constant_matches_the_migration_scripts() -> None:
+    from alembic.script import ScriptDirectory
+
+    import migrations
+
+    script = ScriptDirectory.from_config(database.alembic_config("sqlite://"))
+    assert script.get_heads() == [migrations.HEAD]
+
+
 def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     Library(tmp_path).close()
     db = tmp_path / database.CATALOG_FILE
