@@ -12,6 +12,7 @@ from registry.default_model import ensure_default_model
 from registry.library import Library
 from server import __version__
 from server.api import errors, inference, ollama
+from server.api import openai
 from server.context import AppContext
 from server.settings import Settings
 
@@ -48,6 +49,7 @@ def create_app(context: AppContext) -> FastAPI:
     errors.install(app)
     app.include_router(ollama.router)
     app.include_router(inference.router)
+    app.include_router(openai.router)
     return app
 
 
