@@ -131,11 +131,30 @@ class _Sampled(_Lenient):
         return self.max_tokens
 
 
+class Reasoning(_Lenient):
+    effort: str | None = None
+
+
+# OpenAI's reasoning effort names, as Ollama maps them onto `think`.
+EFFORT_TO_THINK: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium",
+                                         "high": "high", "max": "max", "xhigh": "max", "ultra": "max"}
+
+
 class ChatCompletionRequest(_Sampled):
     messages: list[MessageIn] | None = None
     max_completion_tokens: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    reasoning_effort: str | None = None
+    reasoning: Reasoning | None = None
+
+    def think(self) -> bool | str | None:
+        effort = self.reasoning_effort or (self.reasoning.effort if self.reasoning else None)
+        if effort is None:
+            return None
+        if effort not in EFFORT_TO_THINK:
+            raise InvalidInput(f"invalid reasoning effort {effort!r}; use one of {', '.join(EFFORT_TO_THINK)}")
+        return EFFORT_TO_THINK[effort]
 
     def token_limit(self) -> int | None:
         # max_completion_tokens replaced max_tokens in OpenAI's API; newer clients send only it.
@@ -270,7 +289,7 @@ def chat_input(body: ChatCompletionRequest) -> ChatInput:
     if not body.messages:
         raise InvalidInput("[] is too short - 'messages'")
     return ChatInput(model=model, messages=chat_messages(body.messages), tools=tuple(body.tools or ()),
-                     format=body.format(), options=body.options())
+                     format=body.format(), options=body.options(), think=body.think())
 
 
 def generate_input(body: CompletionRequest) -> GenerateInput:
