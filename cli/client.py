@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -20,24 +20,39 @@ class ClientError(Exception):
 
 
 class Client:
-    def __init__(self, address: HostAddress | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, address: HostAddress | None = None, timeout: float | None = 30.0) -> None:
         self.address = client_address(address or host_from_env())
         self._http = httpx.Client(base_url=self.address.url, timeout=timeout)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         try:
             response = self._http.request(method, path, json=body)
-        except httpx.ConnectError:
-            raise ClientError(
-                f"could not connect to a Berth server at {self.address.url}; start one with `berth serve`, "
-                "or set BERTH_HOST to the server's address",
-                exit_code=1,
-            ) from None
         except httpx.HTTPError as exc:
-            raise ClientError(f"request to {self.address.url}{path} failed: {exc}") from None
+            raise self._transport_error(path, exc) from None
         if response.status_code >= 400:
             raise ClientError(_error_text(response), status=response.status_code)
         return response
+
+    def stream_json(self, method: str, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Yield each NDJSON line of a streamed answer; closing the iterator closes the request."""
+        try:
+            with self._http.stream(method, path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(_error_text(response), status=response.status_code)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(path, exc) from None
+
+    def _transport_error(self, path: str, exc: httpx.HTTPError) -> ClientError:
+        if isinstance(exc, httpx.ConnectError):
+            return ClientError(
+                f"could not connect to a Berth server at {self.address.url}; start one with `berth serve`, "
+                "or set BERTH_HOST to the server's address"
+            )
+        return ClientError(f"request to {self.address.url}{path} failed: {exc}")
 
     def get_json(self, path: str) -> Any:
         return self.request("GET", path).json()

@@ -118,10 +118,10 @@ def _show(model: str, section: Optional[str], as_json: bool) -> None:
     if section is not None:
         typer.echo(info.get(section) or "")
         return
-    typer.echo(_show_summary(info))
+    typer.echo(show_summary(info))
 
 
-def _show_summary(info: dict[str, Any]) -> str:
+def show_summary(info: dict[str, Any]) -> str:
     details = info.get("details") or {}
     model_info = info.get("model_info") or {}
     arch = model_info.get("general.architecture") or details.get("family", "")
@@ -159,6 +159,23 @@ def show(
     if len(chosen) > 1:
         _fail("only one of --modelfile, --parameters, --template, --system, --license can be given")
     _run(lambda: _show(model, chosen[0] if chosen else None, as_json))
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="Model name."),
+    prompt: Optional[list[str]] = typer.Argument(None, help="Prompt; without one, an interactive chat starts."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show timings for the response."),
+    format: Optional[str] = typer.Option(None, "--format", help='Response format (e.g. "json").'),
+    keepalive: Optional[str] = typer.Option(None, "--keepalive", help="How long to keep the model loaded (5m)."),
+    nowordwrap: bool = typer.Option(False, "--nowordwrap", help="Do not wrap words to the next line."),
+    insecure: bool = typer.Option(False, "--insecure", help="Use an insecure registry when pulling."),
+) -> None:
+    """Run a model: answer a prompt, or chat interactively."""
+    from cli.run import run_command
+
+    _run(lambda: run_command(model, prompt or [], verbose=verbose, fmt=format, keepalive=keepalive,
+                             nowordwrap=nowordwrap, insecure=insecure))
 
 
 @app.command()
