@@ -138,7 +138,9 @@ def test_ps_reports_the_loaded_model_on_cpu(client: ollama.Client) -> None:
     assert entry.expires_at is not None
 
 
-def test_empty_prompt_loads_and_keep_alive_zero_unloads(server: BerthServer, http: httpx.Client) -> None:
+def test_empty_prompt_loads_and_keep_alive_zero_unloads(fresh_server: BerthServer) -> None:
+    server = fresh_server
+    http = httpx.Client(base_url=server.url, timeout=120)
     loaded = http.post("/api/generate", json={"model": MODEL}).json()
     assert loaded["done"] and loaded["done_reason"] == "load" and loaded["response"] == ""
     assert runner_pids(server)
