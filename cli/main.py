@@ -284,6 +284,50 @@ def fsck(repair: bool = typer.Option(False, "--repair", help="Fix what can be fi
         raise typer.Exit(1)
 
 
+@app.command()
+def pull(
+    model: str = typer.Argument(..., help="Model to pull, e.g. registry.example.com/team/model:tag."),
+    insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),
+) -> None:
+    """Pull a model from a registry (resumes an interrupted pull)."""
+    from cli import transfer
+
+    _run(lambda: transfer.pull(model, insecure))
+
+
+@app.command()
+def push(
+    model: str = typer.Argument(..., help="Model to push; its name says the registry and repository."),
+    insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),
+    oci: bool = typer.Option(False, "--oci", help="Push an OCI image manifest (for skopeo, oras, Harbor)."),
+) -> None:
+    """Push a model to a registry."""
+    from cli import transfer
+
+    _run(lambda: transfer.push(model, insecure, oci))
+
+
+@app.command()
+def login(
+    registry: str = typer.Argument(..., help="Registry host, e.g. registry.example.com:5000."),
+    username: Optional[str] = typer.Option(None, "--username", "-u", help="User name (prompted if absent)."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
+    insecure: bool = typer.Option(False, "--insecure", help="Check the login over plain http."),
+) -> None:
+    """Log in to a registry; the credentials are stored 0600 under the Berth home."""
+    from cli import transfer
+
+    _run(lambda: typer.echo(transfer.login(registry, username, password_stdin, insecure)))
+
+
+@app.command()
+def logout(registry: str = typer.Argument(..., help="Registry host.")) -> None:
+    """Forget the stored login for a registry."""
+    from cli import transfer
+
+    _run(lambda: typer.echo(transfer.logout(registry)))
+
+
 def main() -> None:
     try:
         app()

@@ -13,6 +13,7 @@ from registry.library import Library
 from server import __version__
 from server.api import errors, inference, ollama
 from server.api import openai
+from server.api import registry as registry_api
 from server.context import AppContext
 from server.settings import Settings
 
@@ -50,6 +51,7 @@ def create_app(context: AppContext) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    app.include_router(registry_api.router)
     return app
 
 

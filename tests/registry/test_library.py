@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
+import migrations
+
 from registry.builder import ModelBuilder
 from registry.catalog import database
 from registry.digest import Digest
@@ -46,15 +48,13 @@ def test_migrations_create_the_schema_from_empty(tmp_path: Path) -> None:
     assert {"blobs", "manifests", "layers", "tags", "alembic_version"} <= tables
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == migrations.HEAD
     database.upgrade(engine)  # idempotent
     engine.dispose()
 
 
 def test_head_constant_matches_the_migration_scripts() -> None:
     from alembic.script import ScriptDirectory
-
-    import migrations
 
     script = ScriptDirectory.from_config(database.alembic_config("sqlite://"))
     assert script.get_heads() == [migrations.HEAD]

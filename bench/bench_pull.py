@@ -1,0 +1,171 @@
+"""Pull benchmark: Berth against curl on the same blob, and a resume after killing the server.
+
+1. The default model is pushed to a local docker-registry. Its weights blob is downloaded by
+   `curl` to a file, then pulled by Berth (parallel ranged chunks, digest verified): the ratio of
+   throughputs is printed (target >= 0.9).
+2. A Berth server pulls the model through a byte-counting TCP proxy in front of the registry; it is
+   killed (SIGKILL) at about half the weights, restarted on the same store, and pulls again: the bytes
+   the proxy carried for the second pull are compared with what was left (target <= left + a chunk).
+
+Run: .venv/bin/python bench/bench_pull.py   (loopback only; needs /usr/bin/docker-registry and curl)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from registry.default_model import ensure_default_model  # noqa: E402
+from registry.library import Library  # noqa: E402
+from registry.manifest import MODEL_LAYER  # noqa: E402
+from registry.names import ModelName  # noqa: E402
+from registry.oci import RegistryClient  # noqa: E402
+from registry.pull import DEFAULT_CHUNK_SIZE, Puller  # noqa: E402
+from registry.push import Pusher  # noqa: E402
+from tests.conftest import start_server  # noqa: E402
+from tests.registry_fixture import start_registry  # noqa: E402
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 that counts the bytes flowing from the upstream to clients."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.downstream_bytes = 0
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, count: bool) -> None:
+        try:
+            while data := source.recv(1 << 20):
+                target.sendall(data)
+                if count:
+                    with self._lock:
+                        self.downstream_bytes += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, target):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def reset(self) -> int:
+        with self._lock:
+            value, self.downstream_bytes = self.downstream_bytes, 0
+            return value
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="berth-bench-pull-"))
+    registry = start_registry(work / "registry")
+    try:
+        source = Library(work / "source")
+        ensure_default_model(source)
+        stored = source.get("gemma3:270m")
+        name = ModelName.parse(f"{registry.host}/library/gemma3:270m")
+        source.copy(stored.name, name)
+        weights = stored.manifest.layers_of(MODEL_LAYER)[0]
+        with RegistryClient() as client:
+            Pusher(source, client).push(name, lambda e: None, insecure=True)
+        source.close()
+        url = f"{registry.url}/v2/library/gemma3/blobs/{weights.digest}"
+
+        # -- 1. throughput against curl, same run, same blob --------------------------------------------
+        curl_out = work / "curl.blob"
+        rounds = []
+        for _ in range(3):
+            curl_out.unlink(missing_ok=True)
+            started = time.perf_counter()
+            subprocess.run(["curl", "-sSf", "-o", str(curl_out), url], check=True)
+            curl_s = time.perf_counter() - started
+            assert hashlib.sha256(curl_out.read_bytes()).hexdigest() == weights.digest.hex
+            target = Library(work / f"pulled-{len(rounds)}")
+            with RegistryClient() as client:
+                started = time.perf_counter()
+                Puller(target, client).pull(name, lambda e: None, insecure=True)
+                berth_s = time.perf_counter() - started
+            assert target.blobs.hash_file(weights.digest) == weights.digest
+            target.close()
+            rounds.append((curl_s, berth_s))
+        size_mb = weights.size / 1e6
+        curl_best = min(c for c, _ in rounds)
+        berth_best = min(b for _, b in rounds)
+        print(f"blob: {weights.digest.short}, {size_mb:.1f} MB")
+        for i, (c, b) in enumerate(rounds):
+            print(f"  round {i}: curl {size_mb / c:7.1f} MB/s   berth pull {size_mb / b:7.1f} MB/s (whole pull, "
+                  "manifest + 4 blobs, digest verified)")
+        print(f"throughput ratio berth/curl (best of 3): {curl_best / berth_best:.2f}")
+
+        # -- 2. kill the server at ~50%, restart, pull again -----------------------------------------------
+        proxy = CountingProxy(int(registry.host.rsplit(":", 1)[1]))
+        via_proxy = f"127.0.0.1:{proxy.port}/library/gemma3:270m"
+        models = work / "server-models"
+        env = {"BERTH_NO_DEFAULT_MODEL": "1", "BERTH_HOME": str(work / "home")}
+        server = start_server(models, work / "server1.log", extra_env=env)
+        killed_at = 0
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            with http.stream("POST", "/api/pull", json={"model": via_proxy, "insecure": True}) as response:
+                for line in response.iter_lines():
+                    event = json.loads(line)
+                    if event.get("digest") == str(weights.digest) and event.get("completed", 0) >= weights.size / 2:
+                        killed_at = event["completed"]
+                        os.kill(server.process.pid, signal.SIGKILL)
+                        break
+        server.process.wait(timeout=10)
+        first = proxy.reset()
+        library = Library(models)
+        from registry.catalog.downloads import DownloadJournal
+
+        state = DownloadJournal(library).load(weights.digest)
+        on_disk = sum(c.completed for c in state.chunks.values()) if state else 0
+        library.close()
+        remaining = weights.size - on_disk
+        server = start_server(models, work / "server2.log", extra_env=env)
+        try:
+            reply = httpx.post(f"{server.url}/api/pull", json={"model": via_proxy, "insecure": True,
+                                                               "stream": False}, timeout=300)
+            assert reply.json() == {"status": "success"}, reply.text
+        finally:
+            server.stop()
+        second = proxy.reset()
+        print(f"kill at {killed_at / 1e6:.1f} MB reported ({first / 1e6:.1f} MB through the proxy); "
+              f"recorded on disk {on_disk / 1e6:.1f} MB; remaining {remaining / 1e6:.1f} MB")
+        print(f"re-pull transferred {second / 1e6:.1f} MB (all HTTP bytes, incl. headers/manifest/small blobs); "
+              f"limit remaining + one chunk = {(remaining + DEFAULT_CHUNK_SIZE) / 1e6:.1f} MB -> "
+              f"{'OK' if second <= remaining + DEFAULT_CHUNK_SIZE else 'OVER'}")
+    finally:
+        registry.stop()
+
+
+if __name__ == "__main__":
+    main()

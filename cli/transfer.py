@@ -1,0 +1,160 @@
+"""`berth pull`, `push`, `login`, `logout`: progress like Ollama's, one error line on failure.
+
+Pull and push are requests to the server (`/api/pull`, `/api/push`), which does the transfer; this
+module only draws its progress. On a terminal each layer gets a bar with size, speed and ETA; piped,
+each status is printed once. Ctrl-C closes the stream, which cancels the server's side (a pull's
+partial file stays, so running it again resumes). `login` checks the credentials against the
+registry itself before saving them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterator, TextIO
+
+import httpx
+
+from cli.client import Client, ClientError
+
+# Transfers of big models take long; the server sends progress at least every few seconds.
+READ_TIMEOUT = 600.0
+
+
+def _events(path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    base = Client().address.url
+    try:
+        with httpx.Client(base_url=base, timeout=httpx.Timeout(30.0, read=READ_TIMEOUT)) as http:
+            with http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(_error_of(response))
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if "error" in event:
+                        raise ClientError(str(event["error"]))
+                    yield event
+    except httpx.ConnectError:
+        raise ClientError(f"could not connect to a Berth server at {base}; start one with `berth serve`") from None
+    except httpx.HTTPError as exc:
+        raise ClientError(f"the connection to the server failed: {exc}") from None
+
+
+def _error_of(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"server answered {response.status_code}"
+
+
+class PlainProgress:
+    """One line per status, for logs and pipes."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.last = ""
+
+    def update(self, event: dict[str, Any]) -> None:
+        status = event.get("status", "")
+        if status != self.last:
+            self.out.write(status + "\n")
+            self.out.flush()
+            self.last = status
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress:
+    """A rich progress bar per layer: size, speed and time left, as Ollama draws them."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+        self.progress.start()
+        self.tasks: dict[str, Any] = {}
+
+    def update(self, event: dict[str, Any]) -> None:
+        status = event.get("status", "")
+        key = event.get("digest") or status
+        total = event.get("total")
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(status, total=total or None)
+        self.progress.update(self.tasks[key], completed=event.get("completed", 0) if total else 0,
+                             total=total or None, description=status)
+        if not total:
+            self.progress.update(self.tasks[key], total=1, completed=1)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _show(path: str, body: dict[str, Any], verb: str) -> None:
+    display = BarProgress() if sys.stdout.isatty() else PlainProgress(sys.stdout)
+    try:
+        for event in _events(path, body):
+            display.update(event)
+    except KeyboardInterrupt:
+        raise ClientError(f"{verb} interrupted; run it again to resume", exit_code=130) from None
+    finally:
+        display.close()
+
+
+def pull(model: str, insecure: bool = False) -> None:
+    _show("/api/pull", {"model": model, "insecure": insecure, "stream": True}, "pull")
+
+
+def push(model: str, insecure: bool = False, oci: bool = False) -> None:
+    _show("/api/push", {"model": model, "insecure": insecure, "oci": oci, "stream": True}, "push")
+
+
+def login(registry: str, username: str | None, password_stdin: bool, insecure: bool = False) -> str:
+    """Check the credentials against the registry, then store them; returns the message to print."""
+    import typer
+
+    from registry.credentials import Credential, CredentialStore, normalize_host
+    from registry.errors import BerthError
+    from registry.oci import RegistryClient, Repository
+
+    try:
+        host = normalize_host(registry)
+    except BerthError as exc:
+        raise ClientError(str(exc)) from None
+    user = username or typer.prompt("Username")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True)
+    if not password:
+        raise ClientError("a password is required (pass it on stdin with --password-stdin)")
+    credential = Credential(user, password)
+
+    class _Trial:
+        def get(self, _registry: str) -> Credential:
+            return credential
+
+    try:
+        with RegistryClient(_Trial()) as client:
+            client.ping(Repository(host, "", insecure))
+        CredentialStore().save(host, credential)
+    except BerthError as exc:
+        raise ClientError(f"login to {host} failed: {exc}") from None
+    return "Login Succeeded"
+
+
+def logout(registry: str) -> str:
+    from registry.credentials import CredentialStore
+    from registry.errors import BerthError
+
+    try:
+        removed = CredentialStore().remove(registry)
+    except BerthError as exc:
+        raise ClientError(str(exc)) from None
+    if not removed:
+        raise ClientError(f"not logged in to {registry}")
+    return f"Removed login credentials for {registry}"

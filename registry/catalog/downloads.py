@@ -1,0 +1,98 @@
+"""Partial downloads in the catalog: which chunks of a blob being pulled have landed and been hashed.
+
+A pull writes a blob into `blobs/sha256-<hex>-partial` in fixed-size chunks. Each chunk's row
+records how many of its bytes are on disk (`completed`, saved as they land) and, once the in-order
+hasher has passed it, its own sha256. After a crash the next pull re-reads only those chunks,
+checks each against its recorded hash while rebuilding the blob's running digest, and fetches the
+rest from the first byte not on disk: resumable, and no byte is trusted without being hashed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import DateTime, ForeignKey, Integer, String, delete, func, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Mapped, mapped_column
+
+from registry.catalog.schema import Base
+from registry.digest import Digest
+from registry.library import Library
+
+
+class PartialDownloadRow(Base):
+    """A blob being downloaded: its expected size and how it is cut into chunks."""
+
+    __tablename__ = "partial_downloads"
+
+    digest: Mapped[str] = mapped_column(String(71), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    chunk_size: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class PartialChunkRow(Base):
+    """One chunk of a partial download: bytes on disk, and its sha256 once hashed in order."""
+
+    __tablename__ = "partial_chunks"
+
+    digest: Mapped[str] = mapped_column(
+        String(71), ForeignKey("partial_downloads.digest", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    completed: Mapped[int] = mapped_column(Integer, nullable=False)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+@dataclass
+class ChunkState:
+    completed: int
+    sha256: str | None
+
+
+@dataclass
+class PartialState:
+    size: int
+    chunk_size: int
+    chunks: dict[int, ChunkState]
+
+
+class DownloadJournal:
+    """Reads and writes partial-download rows; each call is its own short transaction."""
+
+    def __init__(self, library: Library) -> None:
+        self._library = library
+
+    def load(self, digest: Digest) -> PartialState | None:
+        with self._library.session() as session:
+            row = session.get(PartialDownloadRow, str(digest))
+            if row is None:
+                return None
+            chunks = session.execute(
+                select(PartialChunkRow.idx, PartialChunkRow.completed, PartialChunkRow.sha256)
+                .where(PartialChunkRow.digest == str(digest))).all()
+            return PartialState(row.size, row.chunk_size, {i: ChunkState(c, h) for i, c, h in chunks})
+
+    def start(self, digest: Digest, size: int, chunk_size: int) -> None:
+        """Begin afresh: any earlier record of this digest is dropped."""
+        with self._library.session() as session:
+            session.execute(delete(PartialChunkRow).where(PartialChunkRow.digest == str(digest)))
+            session.execute(delete(PartialDownloadRow).where(PartialDownloadRow.digest == str(digest)))
+            session.add(PartialDownloadRow(digest=str(digest), size=size, chunk_size=chunk_size,
+                                           started_at=datetime.now(timezone.utc)))
+
+    def record(self, digest: Digest, idx: int, completed: int, sha256: str | None = None) -> None:
+        # An upsert: chunk workers and the hashing thread write the same row from different threads.
+        statement = sqlite_insert(PartialChunkRow).values(digest=str(digest), idx=idx, completed=completed,
+                                                          sha256=sha256)
+        statement = statement.on_conflict_do_update(
+            index_elements=[PartialChunkRow.digest, PartialChunkRow.idx],
+            set_={"completed": statement.excluded.completed,
+                  "sha256": func.coalesce(statement.excluded.sha256, PartialChunkRow.sha256)})
+        with self._library.session() as session:
+            session.execute(statement)
+
+    def forget(self, digest: Digest) -> None:
+        with self._library.session() as session:
+            session.execute(delete(PartialChunkRow).where(PartialChunkRow.digest == str(digest)))
+            session.execute(delete(PartialDownloadRow).where(PartialDownloadRow.digest == str(digest)))

@@ -1,0 +1,179 @@
+"""`POST /api/pull` and `POST /api/push`: Ollama's request fields and NDJSON progress.
+
+Pull and push run on a worker thread (registry/pull.py explains why they are synchronous); their
+progress events cross to the event loop through a queue. An error before the first event gets its
+proper status and `{"error": ...}`; after it, a final `{"error": ...}` line. `stream: false` answers
+once with the last event. A client that disconnects cancels its share of the work (a shared
+download stops only when nobody waits for it any more; its partial file stays for a resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from registry.credentials import CredentialStore
+from registry.errors import BerthError, InvalidInput
+from registry.library import Library
+from registry.names import ModelName
+from registry.oci import RegistryClient, RegistryUnauthorized
+from registry.pull import Emit, Event, Puller, SharedDownloads
+from registry.push import Pusher
+from server.api.body import parse_json
+from server.api.errors import status_for
+
+log = logging.getLogger("berth.api")
+router = APIRouter()
+
+Work = Callable[[Emit, threading.Event], object]
+
+
+class PullBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # username/password exist in Ollama's API and are ignored
+
+    model: str | None = None
+    name: str | None = None
+    insecure: bool | None = None
+    stream: bool | None = None
+
+    def model_name(self) -> ModelName:
+        text = self.model or self.name
+        if not text:
+            raise InvalidInput("model is required")
+        return ModelName.parse(text)
+
+
+class PushBody(PullBody):
+    oci: bool | None = None
+
+
+@dataclass
+class RegistryServices:
+    """The app's registry client and transfers. Lives on `app.state` until AppContext owns it."""
+
+    client: RegistryClient
+    downloads: SharedDownloads
+    puller: Puller
+    pusher: Pusher
+
+    @classmethod
+    def build(cls, library: Library) -> "RegistryServices":
+        client = RegistryClient(CredentialStore())
+        downloads = SharedDownloads()
+        return cls(client, downloads, Puller(library, client, downloads), Pusher(library, client))
+
+
+_SERVICES_LOCK = threading.Lock()
+
+
+def services(request: Request) -> RegistryServices:
+    state = request.app.state
+    with _SERVICES_LOCK:
+        found = getattr(state, "registry_services", None)
+        if found is None:
+            found = RegistryServices.build(state.context.library)
+            state.registry_services = found
+        return found
+
+
+async def _events(work: Work) -> AsyncIterator[Event]:
+    """Run `work` on its own thread and yield its events; closing the iterator cancels the work."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def put(kind: str, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        except RuntimeError:
+            cancel.set()  # the loop is gone (server shutting down)
+
+    def run() -> None:
+        try:
+            work(lambda event: put("event", event), cancel)
+            put("done", None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the event loop
+            put("error", exc)
+
+    threading.Thread(target=run, name="registry-transfer", daemon=True).start()
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "event":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        cancel.set()
+
+
+def _line(event: Event) -> bytes:
+    return (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _error_status(exc: BerthError) -> int:
+    return 401 if isinstance(exc, RegistryUnauthorized) else status_for(exc)
+
+
+async def respond(events: AsyncIterator[Event], stream: bool) -> Response:
+    """NDJSON stream, or the last event alone; errors before any output get a real status."""
+    if not stream:
+        last: Event | None = None
+        async for event in events:
+            last = event
+        return JSONResponse(last or {"status": "success"})
+    first = await anext(events)
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield _line(first)
+        try:
+            async for event in events:
+                yield _line(event)
+        except BerthError as exc:
+            yield _line({"error": exc.message})
+        except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band
+            log.exception("error during a registry transfer")
+            yield _line({"error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def _run(work: Work, stream: bool) -> Response:
+    try:
+        return await respond(_events(work), stream)
+    except BerthError as exc:
+        return JSONResponse({"error": exc.message}, status_code=_error_status(exc))
+
+
+@router.post("/api/pull")
+async def pull(request: Request) -> Response:
+    body = await parse_json(request, PullBody)
+    name = body.model_name()
+    puller = services(request).puller
+    return await _run(lambda emit, cancel: puller.pull(name, emit, bool(body.insecure), cancel),
+                      body.stream is not False)
+
+
+@router.post("/api/push")
+async def push(request: Request) -> Response:
+    body = await parse_json(request, PushBody)
+    name = body.model_name()
+    library = request.app.state.context.library
+    pusher = services(request).pusher
+
+    def work(emit: Emit, cancel: threading.Event) -> object:
+        return pusher.push(library.resolve(str(name)), emit, bool(body.insecure), bool(body.oci), cancel)
+
+    return await _run(work, body.stream is not False)

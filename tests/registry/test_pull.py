@@ -1,0 +1,441 @@
+"""Pull: a real registry for the happy paths, and a small hostile registry of our own for the rest.
+
+The hostile registry is a real HTTP server on 127.0.0.1 (http.server on a thread) that misbehaves
+in one chosen way per test: bad digests, oversized or gzip-bomb bodies, wrong or truncated bytes,
+stalls, dropped connections, redirects to another host, foreign token realms.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from registry.credentials import Credential, CredentialStore
+from registry.digest import Digest
+from registry.errors import InvalidDigest, TooLarge
+from registry.library import Library
+from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER
+from registry.names import ModelName
+from registry.oci import RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, RetryPolicy, Timeouts
+from registry.pull import BlobDigestMismatch, PullCancelled, Puller, SharedDownloads, partial_path
+from registry.push import Pusher
+from tests.registry_fixture import LocalRegistry, make_model, registry  # noqa: F401
+
+MiB = 1024 * 1024
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
+BOMB = gzip.compress(bytes(64 * MiB))
+
+
+# -- the hostile registry ---------------------------------------------------------------------------
+
+@dataclass
+class Behaviour:
+    manifest: bytes = b""
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    wrong_bytes: bool = False            # serve other bytes than the digest names
+    stop_at: int | None = None           # never serve past this absolute offset (truncate / hang)
+    hang: bool = False                   # at stop_at, stall instead of closing
+    drop_every: int | None = None        # close the connection after this many body bytes
+    gzip_bomb: bool = False              # body is a gzip bomb with Content-Encoding: gzip
+    manifest_plain: bool = False         # ... but the manifest is served normally
+    redirect_to: str | None = None       # 307 blob GETs to this base URL (+ /storage/<digest>)
+    require_basic: bool = False          # 401 Basic without credentials
+    bearer_realm: str | None = None      # 401 Bearer with this realm
+    throttle_first: int = 0              # answer this many requests with 429 Retry-After: 1
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+
+
+class HostileRegistry:
+    def __init__(self) -> None:
+        self.behaviour = Behaviour()
+        behaviour_of = lambda: self.behaviour  # noqa: E731
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._handle(head=True)
+
+            def do_GET(self) -> None:
+                self._handle(head=False)
+
+            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self, head: bool) -> None:
+                b = behaviour_of()
+                b.requests.append((self.command, self.path, dict(self.headers)))
+                if b.throttle_first > 0:
+                    b.throttle_first -= 1
+                    return self._send(429, b"slow down", {"Retry-After": "1"})
+                if self.path.startswith("/token"):
+                    return self._send(200, b'{"token":"stolen"}')
+                if self.path.startswith("/storage/"):
+                    return self._blob(self.path.rsplit("/", 1)[1], head)
+                if b.bearer_realm and not self.headers.get("Authorization"):
+                    return self._send(401, b"", {"WWW-Authenticate": f'Bearer realm="{b.bearer_realm}",'
+                                                 'service="x",scope="repository:library/m:pull"'})
+                if b.require_basic and not (self.headers.get("Authorization") or "").startswith("Basic "):
+                    return self._send(401, b"", {"WWW-Authenticate": 'Basic realm="hostile"'})
+                if "/manifests/" in self.path:
+                    body = b.manifest
+                    if not body:
+                        return self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}')
+                    if b.gzip_bomb and not b.manifest_plain:
+                        return self._send(200, gzip.compress(b" " * (64 * MiB)),
+                                          {"Content-Encoding": "gzip", "Content-Type": DOCKER_MANIFEST})
+                    return self._send(200, body, {"Content-Type": DOCKER_MANIFEST})
+                if "/blobs/" in self.path:
+                    digest = self.path.rsplit("/", 1)[1]
+                    if b.redirect_to:
+                        return self._send(307, b"", {"Location": f"{b.redirect_to}/storage/{digest}"})
+                    return self._blob(digest, head)
+                self._send(404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"nope"}]}')
+
+            def _blob(self, digest: str, head: bool) -> None:
+                b = behaviour_of()
+                data = b.blobs.get(digest)
+                if data is None:
+                    return self._send(404)
+                if b.wrong_bytes:
+                    data = bytes(len(data))
+                extra = {}
+                if b.gzip_bomb:
+                    # Concatenated gzip members, each inflating 64 MiB of zeros: ~2 GiB if decoded.
+                    data = (BOMB * (len(data) // len(BOMB) + 1))[:len(data)]
+                    extra = {"Content-Encoding": "gzip"}
+                start, end = 0, len(data) - 1
+                status = 200
+                ranged = self.headers.get("Range")
+                if ranged:
+                    first, _, last = ranged.removeprefix("bytes=").partition("-")
+                    start, end = int(first), min(int(last or end), end)
+                    status = 206
+                self.send_response(status)
+                for key, value in extra.items():
+                    self.send_header(key, value)
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                if head:
+                    return
+                limit = end + 1
+                if b.stop_at is not None:
+                    limit = min(limit, b.stop_at)
+                if b.drop_every is not None:
+                    limit = min(limit, start + b.drop_every)
+                try:
+                    if limit > start:
+                        self.wfile.write(data[start:limit])
+                        self.wfile.flush()
+                    if limit <= end:
+                        if b.hang:
+                            time.sleep(3)
+                        self.close_connection = True
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def serve_model(self, weights: bytes, *, digest_override: str | None = None) -> str:
+        """Publish a model whose manifest names `weights`; returns the weights digest."""
+        config = b'{"model_format":"gguf","model_family":"test"}'
+        wd, cd = hashlib.sha256(weights).hexdigest(), hashlib.sha256(config).hexdigest()
+        self.behaviour.blobs = {f"sha256:{wd}": weights, f"sha256:{cd}": config}
+        self.behaviour.manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+            "config": {"mediaType": DOCKER_CONFIG, "digest": f"sha256:{cd}", "size": len(config)},
+            "layers": [{"mediaType": MODEL_LAYER, "digest": f"sha256:{wd}" if digest_override is None else digest_override,
+                        "size": len(weights)}]}).encode()
+        return f"sha256:{wd}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileRegistry]:
+    server = HostileRegistry()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Iterator[Library]:
+    lib = Library(tmp_path / "models")
+    yield lib
+    lib.close()
+
+
+def make_puller(library: Library, tmp_path: Path, *, read_timeout: float = 5.0, chunk: int = MiB,
+                credentials: dict[str, Credential] | None = None) -> Puller:
+    store = CredentialStore(tmp_path / "creds.json", tmp_path / "docker.json")
+    for host, cred in (credentials or {}).items():
+        store.save(host, cred)
+    client = RegistryClient(store, Timeouts(connect=2, read=read_timeout), FAST_RETRY)
+    return Puller(library, client, chunk_size=chunk, parallel=4)
+
+
+def _name(server: HostileRegistry | LocalRegistry) -> ModelName:
+    return ModelName.parse(f"{server.host}/library/m:latest")
+
+
+def _pull(puller: Puller, name: ModelName) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    puller.pull(name, events.append, insecure=True)
+    return events
+
+
+def _nothing_committed(library: Library, tmp_path: Path, before: set[str]) -> None:
+    assert library.names() == []
+    assert {p.name for p in tmp_path.iterdir()} == before  # no file outside the models dir
+
+
+# -- real registry ---------------------------------------------------------------------------------
+
+def test_cancelled_pull_resumes_in_a_new_process_from_the_journal(hostile: HostileRegistry, tmp_path: Path) -> None:
+    weights = os.urandom(6 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.stop_at = 3 * MiB + 17
+    hostile.behaviour.hang = True
+    library = Library(tmp_path / "models")
+    puller = make_puller(library, tmp_path)
+    cancel = threading.Event()
+
+    def stop_when_stalled(event: dict[str, Any]) -> None:
+        if event.get("digest") == str(digest) and event.get("completed", 0) >= 3 * MiB:
+            cancel.set()
+
+    with pytest.raises(PullCancelled):
+        puller.pull(_name(hostile), stop_when_stalled, insecure=True, cancel=cancel)
+    assert partial_path(library.blobs, digest).exists() and library.names() == []
+    deadline = time.monotonic() + 15
+    while puller.downloads.active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    library.close()
+
+    # A new Library on the same directory stands for a restarted server.
+    hostile.behaviour.stop_at = None
+    hostile.behaviour.hang = False
+    library = Library(tmp_path / "models")
+    resumed = make_puller(library, tmp_path)
+    state = resumed.journal.load(digest)
+    assert state is not None
+    kept = sum(c.completed for c in state.chunks.values())
+    assert kept >= 3 * MiB
+    result = resumed.pull(_name(hostile), lambda e: None, insecure=True)
+    assert result.fetched_bytes <= len(weights) - kept + 1024  # + the tiny config blob
+    assert library.blobs.path(digest).read_bytes() == weights
+    assert resumed.journal.load(digest) is None and not partial_path(library.blobs, digest).exists()
+    library.close()
+
+
+def test_concurrent_pulls_share_one_download(registry: LocalRegistry, tmp_path: Path) -> None:
+    source = Library(tmp_path / "source")
+    name = f"{registry.host}/library/m:latest"
+    make_model(source, name, os.urandom(8 * MiB))
+    Pusher(source, make_puller(source, tmp_path).client).push(ModelName.parse(name), lambda e: None, insecure=True)
+    source.close()
+
+    class CountingDownloads(SharedDownloads):
+        started = 0
+
+        def join(self, digest, make):  # type: ignore[no-untyped-def]
+            def counted():  # type: ignore[no-untyped-def]
+                CountingDownloads.started += 1
+                return make()
+            return super().join(digest, counted)
+
+    library = Library(tmp_path / "models")
+    puller = make_puller(library, tmp_path)
+    puller.downloads = CountingDownloads()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            puller.pull(ModelName.parse(name), lambda e: time.sleep(0.001), insecure=True)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    # 3 blobs (weights, template, config): shared, so at most one download each.
+    assert CountingDownloads.started == 3
+    library.close()
+
+
+# -- hostile registry ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["sha256:../../../../etc/passwd", "sha256:" + "A" * 64, "sha256:", "", "md5:abc"])
+def test_bad_digests_are_refused_before_use(hostile: HostileRegistry, library: Library, tmp_path: Path,
+                                            bad: str) -> None:
+    hostile.serve_model(b"weights", digest_override=bad)
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(InvalidDigest):
+        _pull(make_puller(library, tmp_path), _name(hostile))
+    _nothing_committed(library, tmp_path, before)
+    assert not [r for r in hostile.behaviour.requests if "/blobs/" in r[1]]
+
+
+def test_oversized_manifest_is_refused(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    hostile.serve_model(b"w")
+    hostile.behaviour.manifest = b"{" + b" " * (5 * MiB) + b"}"
+    with pytest.raises(TooLarge):
+        _pull(make_puller(library, tmp_path), _name(hostile))
+
+
+def test_gzip_bomb_manifest_is_bounded(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    hostile.serve_model(b"w")
+    hostile.behaviour.gzip_bomb = True
+    with pytest.raises(TooLarge):
+        _pull(make_puller(library, tmp_path), _name(hostile))
+
+
+def test_gzip_bomb_blob_is_raw_bytes_that_fail_the_digest(hostile: HostileRegistry, library: Library,
+                                                         tmp_path: Path) -> None:
+    digest = Digest.parse(hostile.serve_model(os.urandom(2 * MiB)))
+    hostile.behaviour.gzip_bomb = True
+    puller = make_puller(library, tmp_path)
+    # Manifests get a bounded decode (the test above); blobs are never decoded at all.
+    hostile.behaviour.manifest_plain = True
+    with pytest.raises(BlobDigestMismatch):
+        _pull(puller, _name(hostile))
+    assert not library.blobs.exists(digest) and not partial_path(library.blobs, digest).exists()
+
+
+def _repo(server: HostileRegistry):  # type: ignore[no-untyped-def]
+    from registry.oci import Repository
+
+    return Repository(server.host, "library/m", insecure=True)
+
+
+def test_wrong_bytes_discard_the_download(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    digest = Digest.parse(hostile.serve_model(os.urandom(3 * MiB)))
+    hostile.behaviour.wrong_bytes = True
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(BlobDigestMismatch, match="digest mismatch, file must be downloaded again"):
+        _pull(make_puller(library, tmp_path), _name(hostile))
+    assert not library.blobs.exists(digest) and not partial_path(library.blobs, digest).exists()
+    _nothing_committed(library, tmp_path, before)
+
+
+def test_truncated_blob_fails_then_resumes(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    weights = os.urandom(3 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.stop_at = MiB + 1000
+    puller = make_puller(library, tmp_path)
+    with pytest.raises(RegistryError, match="run the pull again to resume"):
+        _pull(puller, _name(hostile))
+    assert library.names() == [] and partial_path(library.blobs, digest).exists()
+    state = puller.journal.load(digest)
+    assert state is not None
+    kept = sum(c.completed for c in state.chunks.values())
+    assert kept > 0
+    hostile.behaviour.stop_at = None
+    result = puller.pull(_name(hostile), lambda e: None, insecure=True)
+    assert library.blobs.path(digest).read_bytes() == weights
+    assert result.fetched_bytes <= len(weights) - kept + 100  # config is tiny; the kept bytes were not refetched
+
+
+def test_registry_that_hangs_mid_body_times_out(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    hostile.serve_model(os.urandom(2 * MiB))
+    hostile.behaviour.stop_at = 512 * 1024
+    hostile.behaviour.hang = True
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="timed out"):
+        _pull(make_puller(library, tmp_path, read_timeout=0.3), _name(hostile))
+    assert time.monotonic() - started < 20
+    assert library.names() == []
+
+
+def test_dropped_connections_every_mib_still_complete(hostile: HostileRegistry, library: Library,
+                                                      tmp_path: Path) -> None:
+    weights = os.urandom(5 * MiB + 7)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.drop_every = 300 * 1024
+    _pull(make_puller(library, tmp_path, chunk=2 * MiB), _name(hostile))
+    assert library.blobs.path(digest).read_bytes() == weights
+    assert [str(n) for n in library.names()] == [str(_name(hostile))]
+
+
+def test_redirect_to_another_host_gets_no_credentials(hostile: HostileRegistry, library: Library,
+                                                      tmp_path: Path) -> None:
+    weights = os.urandom(MiB)
+    hostile.serve_model(weights)
+    hostile.behaviour.require_basic = True
+    hostile.behaviour.redirect_to = f"http://localhost:{hostile.port}"  # same socket, another host name
+    puller = make_puller(library, tmp_path, credentials={hostile.host: Credential("user", "pw")})
+    _pull(puller, _name(hostile))
+    storage = [r for r in hostile.behaviour.requests if r[1].startswith("/storage/")]
+    registry_side = [r for r in hostile.behaviour.requests if r[1].startswith("/v2/") and "Authorization" in r[2]]
+    assert storage and registry_side
+    assert all("Authorization" not in headers for _, _, headers in storage)
+
+
+def test_redirect_to_a_non_http_scheme_is_refused(hostile: HostileRegistry, library: Library,
+                                                  tmp_path: Path) -> None:
+    hostile.serve_model(b"weights")
+    hostile.behaviour.redirect_to = "file:///etc"
+    with pytest.raises(RegistryRefused, match="only http"):
+        _pull(make_puller(library, tmp_path), _name(hostile))
+
+
+def test_foreign_token_realm_is_refused(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    hostile.serve_model(b"weights")
+    hostile.behaviour.bearer_realm = f"http://localhost:{hostile.port}/token"
+    puller = make_puller(library, tmp_path, credentials={hostile.host: Credential("user", "secret")})
+    with pytest.raises(RegistryRefused, match="does not match the registry host"):
+        _pull(puller, _name(hostile))
+    assert not [r for r in hostile.behaviour.requests if r[1].startswith("/token")]
+
+
+def test_same_host_token_realm_is_used(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    hostile.serve_model(b"weights")
+    hostile.behaviour.bearer_realm = f"http://{hostile.host}/token"
+    _pull(make_puller(library, tmp_path), _name(hostile))
+    tokens = [r for r in hostile.behaviour.requests if r[1].startswith("/token")]
+    assert len(tokens) == 1 and "scope=repository%3Alibrary%2Fm%3Apull" in tokens[0][1]
+    assert all(h.get("Authorization") == "Bearer stolen" for m, p, h in hostile.behaviour.requests[2:]
+               if p.startswith("/v2/"))
+
+
+def test_retry_after_is_honoured(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    hostile.serve_model(b"weights")
+    hostile.behaviour.throttle_first = 1
+    started = time.monotonic()
+    _pull(make_puller(library, tmp_path), _name(hostile))
+    assert time.monotonic() - started >= 0.9
+
+
+def test_missing_manifest_says_so(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    with pytest.raises(RegistryNotFound, match="pull model manifest: file does not exist"):
+        _pull(make_puller(library, tmp_path), _name(hostile))

@@ -1,0 +1,134 @@
+"""A real OCI registry for tests: Debian's `docker-registry` (distribution v2) on a free loopback port.
+
+Storage is a temporary directory; with `users` it also requires htpasswd basic auth (bcrypt lines
+from Python's `bcrypt` if installed, else `htpasswd` from apache2-utils). Nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import httpx
+import pytest
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def htpasswd_line(user: str, password: str) -> str | None:
+    """A bcrypt htpasswd entry, or None when neither bcrypt nor htpasswd is available."""
+    try:
+        import bcrypt  # type: ignore[import-not-found]
+
+        return f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}"
+    except ImportError:
+        pass
+    tool = shutil.which("htpasswd")
+    if tool is None:
+        return None
+    out = subprocess.run([tool, "-nbB", "-C", "5", user, password], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@dataclass
+class LocalRegistry:
+    host: str
+    root: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    auth: tuple[str, str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_registry(base: Path, users: dict[str, str] | None = None) -> LocalRegistry:
+    if not Path(REGISTRY_BINARY).exists():
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    base.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    auth_yaml = ""
+    if users:
+        lines = [htpasswd_line(u, p) for u, p in users.items()]
+        if any(line is None for line in lines):
+            pytest.skip("no bcrypt for htpasswd: install python3-bcrypt/bcrypt or apache2-utils")
+        (base / "htpasswd").write_text("\n".join(lines) + "\n")  # type: ignore[arg-type]
+        auth_yaml = f"auth:\n  htpasswd:\n    realm: berth-test\n    path: {base / 'htpasswd'}\n"
+    config = base / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {base / 'data'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+        + auth_yaml
+    )
+    log_path = base / "registry.log"
+    log = open(log_path, "wb")
+    process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    registry = LocalRegistry(f"127.0.0.1:{port}", base / "data", process, log_path,
+                             next(iter(users.items())) if users else None)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"docker-registry exited: {log_path.read_text(errors='replace')}")
+        try:
+            if httpx.get(f"{registry.url}/v2/", timeout=1).status_code in (200, 401):
+                return registry
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    registry.stop()
+    pytest.fail("docker-registry did not start within 30s")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    reg = start_registry(tmp_path / "registry")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    reg = start_registry(tmp_path / "auth-registry", {"berth": "s3cret-pass"})
+    yield reg
+    reg.stop()
+
+
+def make_model(library: "Library", name: str, weights: bytes, template: str = "{{ .Prompt }}") -> "Manifest":
+    """Build a small model (weights layer + template + config) straight into a Library."""
+    from registry.builder import ModelBuilder
+    from registry.manifest import MODEL_LAYER, TEMPLATE_LAYER, ModelConfig
+    from registry.names import ModelName
+
+    stored = library.blobs.write_bytes(weights)
+    builder = ModelBuilder(library)
+    builder.add_blob(MODEL_LAYER, stored.digest, stored.size)
+    builder.add_text(TEMPLATE_LAYER, template)
+    manifest, _ = builder.commit(ModelName.parse(name), ModelConfig(model_family="test", model_type="1M"))
+    return manifest
+
+
+if TYPE_CHECKING:
+    from registry.library import Library
+    from registry.manifest import Manifest

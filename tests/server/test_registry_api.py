@@ -1,0 +1,128 @@
+"""/api/pull and /api/push on a live Berth server against a real local registry."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from tests.conftest import BerthServer, fresh_server  # noqa: F401
+from tests.registry_fixture import LocalRegistry, auth_registry, registry  # noqa: F401
+
+
+def _stream(client: httpx.Client, path: str, body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    with client.stream("POST", path, json=body) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line.strip()]
+        return response.status_code, lines
+
+
+def test_push_and_pull_default_model_through_the_api(fresh_server: BerthServer, registry: LocalRegistry) -> None:
+    remote = f"{registry.host}/library/gemma3:270m"
+    with httpx.Client(base_url=fresh_server.url, timeout=300) as client:
+        assert client.post("/api/copy", json={"source": "gemma3:270m", "destination": remote}).status_code == 200
+        local = {m["name"]: m for m in client.get("/api/tags").json()["models"]}
+
+        status, events = _stream(client, "/api/push", {"model": remote, "insecure": True})
+        assert status == 200, events
+        assert events[0] == {"status": "retrieving manifest"}
+        assert events[-2:] == [{"status": "pushing manifest"}, {"status": "success"}]
+        pushing = [e for e in events if e["status"].startswith("pushing ") and "digest" in e]
+        assert pushing and all(e["status"] == f"pushing {e['digest'][7:19]}" for e in pushing)
+
+        # Non-stream push of an unchanged model: one object, success.
+        again = client.post("/api/push", json={"model": remote, "insecure": True, "stream": False})
+        assert again.status_code == 200 and again.json() == {"status": "success"}
+
+        assert client.request("DELETE", "/api/delete", json={"model": remote}).status_code == 200
+        status, events = _stream(client, "/api/pull", {"model": remote, "insecure": True})
+        assert status == 200, events
+        assert events[0] == {"status": "pulling manifest"}
+        assert [e["status"] for e in events[-3:]] == ["verifying sha256 digest", "writing manifest", "success"]
+        layer_events = [e for e in events if e["status"].startswith("pulling ") and "digest" in e]
+        assert all({"digest", "total"} <= e.keys() for e in layer_events)
+        tags = {m["name"]: m for m in client.get("/api/tags").json()["models"]}
+        assert tags[remote]["digest"] == local[remote]["digest"]
+
+        # stream:false pull answers once with the last event.
+        quiet = client.post("/api/pull", json={"name": remote, "insecure": True, "stream": False})
+        assert quiet.status_code == 200 and quiet.json() == {"status": "success"}
+
+
+def test_pull_errors(fresh_server: BerthServer, registry: LocalRegistry) -> None:
+    with httpx.Client(base_url=fresh_server.url, timeout=60) as client:
+        bad = client.post("/api/pull", json={"model": "../etc:passwd"})
+        assert bad.status_code == 400 and "invalid model name" in bad.json()["error"]
+        assert client.post("/api/pull", json={}).status_code == 400
+
+        # Missing manifest after streaming began: a final error line, HTTP 200.
+        status, events = _stream(client, "/api/pull", {"model": f"{registry.host}/library/absent:1",
+                                                        "insecure": True})
+        assert status == 200
+        assert events[0] == {"status": "pulling manifest"}
+        assert events[-1] == {"error": "pull model manifest: file does not exist"}
+
+        # Non-stream: the error with its status.
+        quiet = client.post("/api/pull", json={"model": f"{registry.host}/library/absent:1", "insecure": True,
+                                               "stream": False})
+        assert quiet.status_code == 404 and quiet.json()["error"] == "pull model manifest: file does not exist"
+
+        missing = client.post("/api/push", json={"model": f"{registry.host}/library/nothere:1", "insecure": True,
+                                                 "stream": False})
+        assert missing.status_code == 404
+
+
+def test_cli_login_push_pull_logout(tmp_path, auth_registry: LocalRegistry) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+
+    from registry.library import Library
+    from tests.conftest import berth_executable, start_server
+    from tests.registry_fixture import make_model
+
+    home = tmp_path / "home"
+    server = start_server(tmp_path / "models", tmp_path / "server.log",
+                          extra_env={"BERTH_HOME": str(home), "BERTH_NO_DEFAULT_MODEL": "1"})
+    try:
+        name = f"{auth_registry.host}/team/tiny:v1"
+        library = Library(server.models_dir)
+        try:
+            make_model(library, name, os.urandom(1_500_000))
+        finally:
+            library.close()
+        env = {**server.env(), "BERTH_HOME": str(home)}
+
+        def berth(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run([berth_executable(), *args], env=env, input=stdin, capture_output=True,
+                                  text=True, timeout=120)
+
+        denied = berth("push", name, "--insecure")
+        assert denied.returncode == 1 and "berth login" in denied.stderr
+        assert len(denied.stderr.strip().splitlines()) == 1
+
+        bad = berth("login", auth_registry.host, "-u", "berth", "--password-stdin", "--insecure", stdin="nope\n")
+        assert bad.returncode == 1 and "login to" in bad.stderr
+        assert auth_registry.auth is not None
+        good = berth("login", auth_registry.host, "-u", "berth", "--password-stdin", "--insecure",
+                     stdin=auth_registry.auth[1] + "\n")
+        assert good.returncode == 0, good.stderr
+        assert "Login Succeeded" in good.stdout
+        assert oct((home / "credentials.json").stat().st_mode & 0o777) == "0o600"
+
+        pushed = berth("push", name, "--insecure")
+        assert pushed.returncode == 0, pushed.stderr
+        assert pushed.stdout.splitlines()[0] == "retrieving manifest" and pushed.stdout.splitlines()[-1] == "success"
+
+        assert berth("rm", name).returncode == 0
+        pulled = berth("pull", name, "--insecure")
+        assert pulled.returncode == 0, pulled.stderr
+        assert pulled.stdout.splitlines()[0] == "pulling manifest" and pulled.stdout.splitlines()[-1] == "success"
+        assert "verifying sha256 digest" in pulled.stdout
+
+        missing = berth("pull", f"{auth_registry.host}/team/absent:v1", "--insecure")
+        assert missing.returncode == 1 and "file does not exist" in missing.stderr
+
+        out = berth("logout", auth_registry.host)
+        assert out.returncode == 0 and berth("logout", auth_registry.host).returncode == 1
+    finally:
+        server.stop()
