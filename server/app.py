@@ -15,6 +15,7 @@ from server.api import errors, inference, ollama
 from server.api import openai
 from server.api import registry as registry_api
 from server.context import AppContext
+from server.guard import GuardMiddleware
 from server.settings import Settings
 
 log = logging.getLogger("berth.server")
@@ -48,6 +49,8 @@ def create_app(context: AppContext) -> FastAPI:
     app = FastAPI(title="Berth", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.context = context
     errors.install(app)
+    settings = context.settings
+    app.add_middleware(GuardMiddleware, check_host=settings.host.is_loopback, origins=settings.origins)
     app.include_router(ollama.router)
     app.include_router(inference.router)
     app.include_router(openai.router)

@@ -9,6 +9,7 @@ from typing import Mapping
 
 from server.address import HostAddress, parse_host
 from server.durations import parse_env_keep_alive
+from server.guard import BUILTIN_ORIGINS, parse_origins
 
 
 def _flag(value: str | None) -> bool:
@@ -40,6 +41,7 @@ class Settings:
     max_queue: int = 512
     load_timeout: float = 300.0
     context_length: int = 4096
+    origins: tuple[str, ...] = BUILTIN_ORIGINS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -54,4 +56,5 @@ class Settings:
             max_queue=_int(env, "BERTH_MAX_QUEUE", 512, minimum=0),
             load_timeout=parse_env_keep_alive(env.get("BERTH_LOAD_TIMEOUT") or "5m"),
             context_length=_int(env, "BERTH_CONTEXT_LENGTH", 4096, minimum=4),
+            origins=parse_origins(env.get("BERTH_ORIGINS")),
         )
