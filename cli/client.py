@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Iterator
 
 import httpx
@@ -22,7 +23,9 @@ class ClientError(Exception):
 class Client:
     def __init__(self, address: HostAddress | None = None, timeout: float | None = 30.0) -> None:
         self.address = client_address(address or host_from_env())
-        self._http = httpx.Client(base_url=self.address.url, timeout=timeout)
+        key = os.environ.get("BERTH_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.address.url, timeout=timeout, headers=headers)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         try:

@@ -58,14 +58,22 @@ def _main(
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    no_auth: bool = typer.Option(False, "--no-auth",
+                                 help="Serve beyond loopback without API keys (anyone who reaches it has full access)."),
+) -> None:
     """Start the server (BERTH_HOST, default 127.0.0.1:11434; models in BERTH_MODELS)."""
+    import dataclasses
+
     from registry.errors import BerthError
     from server.app import serve as run_server
     from server.settings import Settings
 
     try:
-        run_server(Settings.from_env())
+        settings = Settings.from_env()
+        if no_auth:
+            settings = dataclasses.replace(settings, no_auth=True)
+        run_server(settings)
     except (BerthError, ValueError) as exc:
         _fail(str(exc))
 
@@ -326,6 +334,55 @@ def logout(registry: str = typer.Argument(..., help="Registry host.")) -> None:
     from cli import transfer
 
     _run(lambda: typer.echo(transfer.logout(registry)))
+
+
+keys_app = typer.Typer(help="Manage the server's API keys (needs an admin key, or a loopback client).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="A name for the key (who or what uses it)."),
+    scope: str = typer.Option("read", "--scope", help="read, write or admin."),
+) -> None:
+    """Create a key; its secret is printed once."""
+
+    def action() -> None:
+        made = Client().post_json("/api/keys", {"name": name, "scope": scope})
+        typer.echo(made["key"])
+        typer.echo(f"created key '{made['name']}' with scope {made['scope']}; store it now, it is not shown again",
+                   err=True)
+
+    _run(action)
+
+
+@keys_app.command("list")
+def keys_list(as_json: bool = typer.Option(False, "--json", help="Print the server's JSON.")) -> None:
+    """List keys (never their secrets)."""
+
+    def action() -> None:
+        keys = Client().get_json("/api/keys").get("keys") or []
+        if as_json:
+            typer.echo(json.dumps(keys, indent=2))
+            return
+        rows = [[k["name"], k["prefix"] + "...", k["scope"],
+                 human_time(datetime.fromisoformat(k["created_at"])),
+                 "revoked" if k.get("revoked_at") else "active"] for k in keys]
+        typer.echo(_table(["NAME", "KEY", "SCOPE", "CREATED", "STATE"], rows))
+
+    _run(action)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str = typer.Argument(..., help="Name of the key.")) -> None:
+    """Revoke a key; requests with it are refused from now on."""
+
+    def action() -> None:
+        Client().request("DELETE", "/api/keys", {"name": name})
+        typer.echo(f"revoked key '{name}'")
+
+    _run(action)
 
 
 def main() -> None:

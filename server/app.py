@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from registry.default_model import ensure_default_model
 from registry.library import Library
 from server import __version__
-from server.api import errors, inference, ollama
+from server.api import errors, inference, keys, ollama
 from server.api import openai
 from server.api import registry as registry_api
 from server.context import AppContext
+from server.auth import AuthMiddleware
 from server.guard import GuardMiddleware
 from server.settings import Settings
 
@@ -50,8 +51,12 @@ def create_app(context: AppContext) -> FastAPI:
     app.state.context = context
     errors.install(app)
     settings = context.settings
+    # Added last, the guard runs first: a rebinding attempt is refused before any key is looked at.
+    app.add_middleware(AuthMiddleware, keys=context.keys, required=settings.keys_required,
+                       loopback_needs_key=settings.loopback_needs_key)
     app.add_middleware(GuardMiddleware, check_host=settings.host.is_loopback, origins=settings.origins)
     app.include_router(ollama.router)
+    app.include_router(keys.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(registry_api.router)
@@ -65,6 +70,12 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     context = open_context(settings)
+    if settings.keys_required and not context.keys.any_keys():
+        log.warning("listening beyond loopback with API keys required, and no key exists yet: make one on this "
+                    "machine with `berth keys create --name admin --scope admin`")
+    elif not settings.host.is_loopback and settings.no_auth:
+        log.warning("listening on %s WITHOUT authentication (--no-auth): anyone who can reach it can pull, "
+                    "push, create and delete models", settings.host.url)
     log.info("Berth %s listening on %s, models in %s", __version__, settings.host.url, settings.models_dir)
     uvicorn.run(create_app(context), host=settings.host.host, port=settings.host.port, log_level="warning",
                 access_log=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from registry.keys import KeyStore
 from registry.library import Library
 from server.inference import Inference
 from server.scheduler import Scheduler
@@ -16,13 +17,14 @@ class AppContext:
     library: Library
     scheduler: Scheduler
     inference: Inference
+    keys: KeyStore
 
     @classmethod
     def build(cls, settings: Settings, library: Library) -> "AppContext":
         scheduler = Scheduler(max_loaded=settings.max_loaded_models, num_parallel=settings.num_parallel,
                               max_queue=settings.max_queue, default_keep_alive=settings.keep_alive,
                               load_timeout=settings.load_timeout)
-        return cls(settings, library, scheduler, Inference(library, scheduler, settings))
+        return cls(settings, library, scheduler, Inference(library, scheduler, settings), KeyStore(library))
 
     async def aclose(self) -> None:
         await self.scheduler.shutdown()

@@ -42,6 +42,14 @@ class Settings:
     load_timeout: float = 300.0
     context_length: int = 4096
     origins: tuple[str, ...] = BUILTIN_ORIGINS
+    no_auth: bool = False
+    loopback_needs_key: bool = False
+
+    @property
+    def keys_required(self) -> bool:
+        """Beyond loopback, every request needs a key unless the operator said --no-auth;
+        BERTH_LOOPBACK_AUTH asks for keys from every client, loopback ones included."""
+        return self.loopback_needs_key or (not self.host.is_loopback and not self.no_auth)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -57,4 +65,6 @@ class Settings:
             load_timeout=parse_env_keep_alive(env.get("BERTH_LOAD_TIMEOUT") or "5m"),
             context_length=_int(env, "BERTH_CONTEXT_LENGTH", 4096, minimum=4),
             origins=parse_origins(env.get("BERTH_ORIGINS")),
+            no_auth=_flag(env.get("BERTH_NO_AUTH")),
+            loopback_needs_key=_flag(env.get("BERTH_LOOPBACK_AUTH")),
         )

@@ -1,0 +1,111 @@
+"""API keys: scopes, revocation, and the clients that send them (CLI, ollama, openai)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from registry.default_model import DEFAULT_MODEL_NAME
+from registry.keys import KeyStore, parse_scope
+from registry.library import Library
+from server.address import parse_host
+from server.auth import required_scope
+from server.settings import Settings
+from tests.conftest import BerthServer, berth_executable, start_server
+
+
+@pytest.mark.parametrize("method,path,scope", [
+    ("GET", "/", None), ("GET", "/api/tags", "read"), ("POST", "/api/chat", "read"), ("GET", "/v1/models", "read"),
+    ("POST", "/api/pull", "write"), ("POST", "/api/push", "write"), ("POST", "/api/create", "write"),
+    ("POST", "/api/copy", "write"), ("DELETE", "/api/delete", "write"), ("POST", "/api/blobs/sha256:x", "write"),
+    ("POST", "/api/keys", "admin"), ("GET", "/api/keys", "admin"),
+])
+def test_required_scopes(method: str, path: str, scope: str | None) -> None:
+    assert required_scope(method, path) == scope
+
+
+def test_when_keys_are_required() -> None:
+    loopback = Settings(host=parse_host("127.0.0.1:11434"), models_dir=Path("/x"))
+    everywhere = Settings(host=parse_host("0.0.0.0:11434"), models_dir=Path("/x"))
+    assert not loopback.keys_required
+    assert everywhere.keys_required
+    assert not Settings(host=everywhere.host, models_dir=Path("/x"), no_auth=True).keys_required
+    assert Settings(host=loopback.host, models_dir=Path("/x"), loopback_needs_key=True).keys_required
+
+
+def test_scope_parsing() -> None:
+    assert parse_scope("read") == "read"
+    assert parse_scope("read,write") == "write"
+    with pytest.raises(Exception, match="invalid scope"):
+        parse_scope("root")
+
+
+@pytest.fixture
+def locked_server(tmp_path: Path) -> BerthServer:
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", {"BERTH_LOOPBACK_AUTH": "1"})
+    yield srv
+    srv.stop()
+
+
+def admin_key(server: BerthServer) -> str:
+    library = Library(server.models_dir)
+    try:
+        secret, _ = KeyStore(library).create("admin", "admin")
+    finally:
+        library.close()
+    return secret
+
+
+def test_keys_gate_the_api_by_scope(locked_server: BerthServer) -> None:
+    url = locked_server.url
+    assert httpx.get(url + "/").status_code == 200  # health needs no key
+    missing = httpx.get(url + "/api/tags")
+    assert missing.status_code == 401 and "API key is needed" in missing.json()["error"]
+    assert httpx.get(url + "/api/tags", headers={"Authorization": "Bearer berth_wrong"}).status_code == 401
+
+    admin = {"Authorization": f"Bearer {admin_key(locked_server)}"}
+    made = httpx.post(url + "/api/keys", json={"name": "alice", "scope": "read"}, headers=admin).json()
+    reader = {"Authorization": f"Bearer {made['key']}"}
+    assert made["scope"] == "read" and made["key"].startswith("berth_")
+
+    assert httpx.get(url + "/api/tags", headers=reader).status_code == 200
+    assert httpx.post(url + "/api/show", json={"model": DEFAULT_MODEL_NAME}, headers=reader).status_code == 200
+    for method, path, body in [("POST", "/api/copy", {"source": DEFAULT_MODEL_NAME, "destination": "x:1"}),
+                               ("DELETE", "/api/delete", {"model": DEFAULT_MODEL_NAME}),
+                               ("POST", "/api/create", {"model": "x:1", "from": DEFAULT_MODEL_NAME}),
+                               ("POST", "/api/push", {"model": DEFAULT_MODEL_NAME}),
+                               ("POST", "/api/keys", {"name": "bob"})]:
+        denied = httpx.request(method, url + path, json=body, headers=reader)
+        assert denied.status_code == 403, path
+        assert "has scope read" in denied.json()["error"]
+    assert DEFAULT_MODEL_NAME in [m["name"] for m in httpx.get(url + "/api/tags", headers=reader).json()["models"]]
+
+    listed = httpx.get(url + "/api/keys", headers=admin).json()["keys"]
+    assert {k["name"] for k in listed} == {"admin", "alice"}
+    assert all("key" not in k for k in listed)  # secrets are never shown again
+    assert httpx.request("DELETE", url + "/api/keys", json={"name": "alice"}, headers=admin).status_code == 200
+    revoked = httpx.get(url + "/api/tags", headers=reader)
+    assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]
+
+
+def test_clients_send_keys(locked_server: BerthServer) -> None:
+    key = admin_key(locked_server)
+    env = {**locked_server.env(), "BERTH_API_KEY": key}
+    listed = subprocess.run([berth_executable(), "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and DEFAULT_MODEL_NAME in listed.stdout
+    env.pop("BERTH_API_KEY")
+    refused = subprocess.run([berth_executable(), "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "API key is needed" in refused.stderr
+    made = subprocess.run([berth_executable(), "keys", "create", "--name", "ci", "--scope", "read"],
+                          env={**env, "BERTH_API_KEY": key}, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and made.stdout.strip().startswith("berth_")
+    client = openai.OpenAI(base_url=locked_server.url + "/v1", api_key=made.stdout.strip())
+    assert DEFAULT_MODEL_NAME in [m.id for m in client.models.list().data]
+    import ollama
+
+    native = ollama.Client(host=locked_server.url, headers={"Authorization": f"Bearer {made.stdout.strip()}"})
+    assert native.list().models
