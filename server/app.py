@@ -17,6 +17,7 @@ from server.api import registry as registry_api
 from server.context import AppContext
 from server.auth import AuthMiddleware
 from server.guard import GuardMiddleware
+from server.metrics import MetricsMiddleware
 from server.settings import Settings
 
 log = logging.getLogger("berth.server")
@@ -55,6 +56,8 @@ def create_app(context: AppContext) -> FastAPI:
     app.add_middleware(AuthMiddleware, keys=context.keys, required=settings.keys_required,
                        loopback_needs_key=settings.loopback_needs_key)
     app.add_middleware(GuardMiddleware, check_host=settings.host.is_loopback, origins=settings.origins)
+    # Outermost: every request is counted and logged, refused ones included.
+    app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     app.include_router(ollama.router)
     app.include_router(keys.router)
     app.include_router(inference.router)

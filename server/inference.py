@@ -286,10 +286,13 @@ class Generation:
         payload = {"prompt": text, "options": plan.sampling, "format": fmt, "images": list(images),
                    "add_bos": True}
         name = resolved.name
+        first_token: float | None = None
         async for message in self.inference.run(lease, payload):
             if message["type"] == "token":
+                first_token = first_token or (time.perf_counter_ns() - started) / 1e9
                 yield {"model": name, "created_at": now_rfc3339(), "response": message["text"], "done": False}
             elif message["type"] == "done":
+                self.inference.scheduler.metrics.generation(name, message, first_token)
                 final: dict[str, Any] = {"model": name, "created_at": now_rfc3339(), "response": "", "done": True,
                                          "done_reason": message["done_reason"]}
                 if not request.raw:
@@ -358,12 +361,15 @@ class Generation:
                 message["tool_calls"] = [call.to_json() for call in calls]
             return {"model": name, "created_at": now_rfc3339(), "message": message, "done": False}
 
+        first_token: float | None = None
         async for message in self.inference.run(lease, payload):
             if message["type"] == "token":
+                first_token = first_token or (time.perf_counter_ns() - started) / 1e9
                 content, calls = parser.feed(message["text"]) if parser else (message["text"], [])
                 if content or calls:
                     yield chunk(content, calls)
             elif message["type"] == "done":
+                self.inference.scheduler.metrics.generation(name, message, first_token)
                 if parser:
                     content, calls = parser.finish()
                     if content or calls:

@@ -21,6 +21,7 @@ from typing import Any
 from registry.digest import Digest
 from registry.errors import BerthError
 from registry.names import ModelName
+from server.metrics import Metrics
 from server.runner import LoadSpec
 from server.runner_client import RunnerProcess
 
@@ -93,7 +94,8 @@ class Lease:
 
 class Scheduler:
     def __init__(self, *, max_loaded: int, num_parallel: int, max_queue: int, default_keep_alive: float,
-                 load_timeout: float) -> None:
+                 load_timeout: float, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self.max_loaded = max(1, max_loaded)
         self.num_parallel = max(1, num_parallel)
         self.max_queue = max(0, max_queue)
@@ -114,6 +116,7 @@ class Scheduler:
         if self._waiting >= self.max_queue:
             raise QueueFull()
         self._waiting += 1
+        self.metrics.queue_depth.set(self._waiting)
         try:
             async with self._load_lock:
                 lease = self._attach(ref, keep_alive)
@@ -126,6 +129,7 @@ class Scheduler:
                 return Lease(self, loaded, time.perf_counter_ns() - started)
         finally:
             self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
 
     def _attach(self, ref: ModelRef, keep_alive: float | None) -> Lease | None:
         loaded = self._loaded.get(ref.digest)
@@ -165,6 +169,8 @@ class Scheduler:
                         keep_alive=self.default_keep_alive if keep_alive is None else keep_alive,
                         load_duration_ns=elapsed)
         self._loaded[ref.digest] = loaded
+        self.metrics.load_seconds.labels(ref.name.display).observe(elapsed / 1e9)
+        self.metrics.loaded_models.set(len(self._loaded))
         return loaded
 
     async def _wait_until(self, predicate: Any) -> None:
@@ -214,6 +220,7 @@ class Scheduler:
         self._cancel_timer(loaded)
         if self._loaded.get(loaded.ref.digest) is loaded:
             del self._loaded[loaded.ref.digest]
+        self.metrics.loaded_models.set(len(self._loaded))
         log.info("unloading %s", loaded.ref.name.display)
         await asyncio.to_thread(loaded.runner.stop)
         await self._notify()

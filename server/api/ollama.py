@@ -58,6 +58,12 @@ async def health() -> Response:
     return Response("Berth is running", media_type="text/plain; charset=utf-8")
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(context(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 @router.api_route("/api/version", methods=["GET", "HEAD"])
 async def version() -> dict[str, str]:
     return {"version": __version__}
