@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from registry.default_model import ensure_default_model
 from registry.library import Library
 from server import __version__
-from server.api import errors, inference, keys, ollama
+from server.api import errors, inference, keys, oci, ollama
 from server.api import openai
 from server.api import registry as registry_api
 from server.context import AppContext
@@ -60,6 +60,7 @@ def create_app(context: AppContext) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)
     app.include_router(ollama.router)
     app.include_router(keys.router)
+    app.include_router(oci.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(registry_api.router)
