@@ -30,6 +30,8 @@ COPY registry ./registry
 COPY server ./server
 COPY cli ./cli
 COPY migrations ./migrations
+# The project itself: its dependencies are pinned in pyproject.toml, not here.
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[model]"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS cpu
@@ -44,11 +46,11 @@ ENV PATH=/opt/berth/bin:$PATH \
     BERTH_HOST=0.0.0.0:11434 \
     BERTH_MODELS=/data/models \
     BERTH_HOME=/data
-USER berth
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 11434
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:11434/ || exit 1
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:11434/"]
 ENTRYPOINT ["berth"]
 CMD ["serve"]
 
@@ -71,6 +73,8 @@ COPY registry ./registry
 COPY server ./server
 COPY cli ./cli
 COPY migrations ./migrations
+# The project itself: its dependencies are pinned in pyproject.toml, not here.
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[model]"
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04 AS cuda
@@ -87,11 +91,11 @@ ENV PATH=/opt/berth/bin:$PATH \
     BERTH_HOME=/data \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-USER berth
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 11434
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:11434/ || exit 1
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:11434/"]
 ENTRYPOINT ["berth"]
 CMD ["serve"]
 
@@ -116,6 +120,8 @@ COPY registry ./registry
 COPY server ./server
 COPY cli ./cli
 COPY migrations ./migrations
+# The project itself: its dependencies are pinned in pyproject.toml, not here.
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[model]"
 
 FROM rocm/dev-ubuntu-24.04:${ROCM_VERSION} AS rocm
@@ -131,10 +137,10 @@ ENV PATH=/opt/berth/bin:$PATH \
     BERTH_HOST=0.0.0.0:11434 \
     BERTH_MODELS=/data/models \
     BERTH_HOME=/data
-USER berth
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 11434
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:11434/ || exit 1
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:11434/"]
 ENTRYPOINT ["berth"]
 CMD ["serve"]

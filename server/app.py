@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -16,6 +17,7 @@ from server.api import openai
 from server.api import registry as registry_api
 from server.context import AppContext
 from server.auth import AuthMiddleware
+from server.gpu_probe import log_devices
 from server.guard import GuardMiddleware
 from server.metrics import MetricsMiddleware
 from server.settings import Settings
@@ -74,6 +76,8 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     context = open_context(settings)
+    # In the background: start-up is not held up by loading llama.cpp in the probe process.
+    threading.Thread(target=log_devices, name="gpu-probe", daemon=True).start()
     if settings.keys_required and not context.keys.any_keys():
         log.warning("listening beyond loopback with API keys required, and no key exists yet: make one on this "
                     "machine with `berth keys create --name admin --scope admin`")
