@@ -293,6 +293,31 @@ def fsck(repair: bool = typer.Option(False, "--repair", help="Fix what can be fi
 
 
 @app.command()
+def create(
+    name: str = typer.Argument(..., help="Name of the new model."),
+    file: Optional[str] = typer.Option(None, "--file", "-f", help="The Modelfile (default ./Modelfile)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+    upload: bool = typer.Option(False, "--upload",
+                                help="Upload the files even when the server runs on this machine (no linking)."),
+) -> None:
+    """Create a model from a Modelfile; local files are uploaded (or linked, for a local server)."""
+    from cli.create import create_command
+
+    _run(lambda: create_command(name, file, quiet, upload=upload))
+
+
+@app.command("import-ollama")
+def import_ollama(
+    directory: Optional[str] = typer.Argument(
+        None, help="An Ollama models folder (default $OLLAMA_MODELS, else ~/.ollama/models)."),
+) -> None:
+    """Register the models of an Ollama store in BERTH_MODELS, linking its blobs (nothing is downloaded)."""
+    from cli.create import import_ollama_command
+
+    _run(lambda: import_ollama_command(directory))
+
+
+@app.command()
 def pull(
     model: str = typer.Argument(..., help="Model to pull, e.g. registry.example.com/team/model:tag."),
     insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),

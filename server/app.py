@@ -15,6 +15,7 @@ from server import __version__
 from server.api import errors, inference, keys, oci, ollama
 from server.api import openai
 from server.api import registry as registry_api
+from server.api import create
 from server.context import AppContext
 from server.auth import AuthMiddleware
 from server.gpu_probe import log_devices
@@ -66,6 +67,7 @@ def create_app(context: AppContext) -> FastAPI:
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(registry_api.router)
+    app.include_router(create.router)
     return app
 
 
