@@ -818,15 +818,15 @@ def inspect_isolated(
 ) -> GGUFInfo:
     """Run `inspect_file` in a spawned child process and return its result.
 
-    The child is started with the "spawn" method, never fork (the server may hold native
+    The child is started from a clean forkserver process, never forked from the caller (the server may hold native
     libraries and threads that must not be duplicated), caps its own address space
     (RLIMIT_AS) at its start-up size plus `memory_limit_bytes` and disables core dumps.
     If it does not answer within `timeout` seconds it is killed. A crash, an out-of-memory
     failure or a timeout raises `InvalidGGUF("invalid GGUF: inspection failed: ...")`; a
     malformed file raises the same `InvalidGGUF` as `inspect_file`; an unreadable path raises
     `OSError`. Blocks the calling thread: from async code, call it through a worker thread.
-    Start-up costs a fresh interpreter (about 0.1-0.3 s, plus re-importing the parent's
-    `__main__` module, as spawn always does).
+    The children come from a forkserver helper process (started on first use) that has this
+    module preloaded, so each inspection costs a fork, not a fresh interpreter.
     """
     if isinstance(max_array_items, bool) or not isinstance(max_array_items, int):
         raise TypeError("max_array_items must be an int")
@@ -837,7 +837,11 @@ def inspect_isolated(
     if memory_limit_bytes <= 0:
         raise ValueError("memory_limit_bytes must be > 0")
 
-    ctx = multiprocessing.get_context("spawn")
+    # forkserver: children fork from a clean helper process started once (never from this one,
+    # which may hold native libraries and threads), with this module already imported there, so
+    # an inspection costs a fork rather than a fresh interpreter and a re-import of `__main__`.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["registry.gguf"])
     receiver, sender = ctx.Pipe(duplex=False)
     process = ctx.Process(
         target=_child_main,
