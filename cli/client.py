@@ -21,15 +21,17 @@ class ClientError(Exception):
 
 
 class Client:
-    def __init__(self, address: HostAddress | None = None, timeout: float | None = 30.0) -> None:
+    def __init__(self, address: HostAddress | None = None, timeout: float | httpx.Timeout | None = 30.0) -> None:
         self.address = client_address(address or host_from_env())
         key = os.environ.get("BERTH_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=self.address.url, timeout=timeout, headers=headers)
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                content: Iterator[bytes] | bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        """One request; a JSON `body`, or raw `content` (streamed when it is an iterator)."""
         try:
-            response = self._http.request(method, path, json=body)
+            response = self._http.request(method, path, json=body, content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise self._transport_error(path, exc) from None
         if response.status_code >= 400:

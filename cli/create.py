@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import typer
 
-from cli.client import Client, ClientError, _error_text
+from cli.client import Client, ClientError
 from cli.humanize import human_bytes
 from registry import modelfile_request
 from registry.adopt import FileIdentity
@@ -68,8 +68,7 @@ class _CreateClient(Client):
     spend minutes hashing a large file before it answers."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self._http.timeout = httpx.Timeout(30.0, read=None, write=None)
+        super().__init__(timeout=httpx.Timeout(30.0, read=None, write=None))
 
     def has_blob(self, digest: str) -> bool:
         try:
@@ -81,13 +80,7 @@ class _CreateClient(Client):
         return True
 
     def upload_blob(self, digest: str, chunks: Iterator[bytes], size: int) -> None:
-        path = f"/api/blobs/{digest}"
-        try:
-            response = self._http.post(path, content=chunks, headers={"content-length": str(size)})
-        except httpx.HTTPError as exc:
-            raise self._transport_error(path, exc) from None
-        if response.status_code >= 400:
-            raise ClientError(_error_text(response), status=response.status_code)
+        self.request("POST", f"/api/blobs/{digest}", content=chunks, headers={"content-length": str(size)})
 
 
 def create_command(name: str, file: str | None, quiet: bool, upload: bool = False) -> None:
