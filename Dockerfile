@@ -12,6 +12,15 @@ ARG ROCM_VERSION=6.3.3
 ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
 
 # ---------------------------------------------------------------------------------------------
+# The project's source, once for every build stage.
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY registry /src/registry
+COPY server /src/server
+COPY cli /src/cli
+COPY migrations /src/migrations
+
+# ---------------------------------------------------------------------------------------------
 # CPU
 FROM python:${PYTHON_VERSION}-slim-bookworm AS cpu-build
 ARG LLAMA_CPP_PYTHON_VERSION
@@ -24,12 +33,8 @@ ENV PATH=/opt/berth/bin:$PATH
 # Portable CPU build: runtime dispatch instead of -march=native, so the image runs on older CPUs.
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
 RUN pip install --no-cache-dir "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
+COPY --from=source /src /src
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY registry ./registry
-COPY server ./server
-COPY cli ./cli
-COPY migrations ./migrations
 # The project itself: its dependencies are pinned in pyproject.toml, not here.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[model]"
@@ -67,12 +72,8 @@ RUN python3 -m venv /opt/berth
 ENV PATH=/opt/berth/bin:$PATH
 ENV CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES} -DGGML_NATIVE=OFF"
 RUN pip install --no-cache-dir "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
+COPY --from=source /src /src
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY registry ./registry
-COPY server ./server
-COPY cli ./cli
-COPY migrations ./migrations
 # The project itself: its dependencies are pinned in pyproject.toml, not here.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[model]"
@@ -114,12 +115,8 @@ ENV PATH=/opt/berth/bin:$PATH
 ENV HIPCXX=/opt/rocm/llvm/bin/clang HIP_PATH=/opt/rocm
 ENV CMAKE_ARGS="-DGGML_HIP=on -DGPU_TARGETS=${GPU_TARGETS} -DGGML_NATIVE=OFF"
 RUN pip install --no-cache-dir "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
+COPY --from=source /src /src
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY registry ./registry
-COPY server ./server
-COPY cli ./cli
-COPY migrations ./migrations
 # The project itself: its dependencies are pinned in pyproject.toml, not here.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[model]"
