@@ -1,5 +1,6 @@
-"""The official `ollama` Python package against every native endpoint the server has today:
-list, show, generate, chat, embed, copy, delete, ps (create, pull and push come with their flows).
+"""The official `ollama` Python package against every native endpoint it has: list, show,
+generate, chat, embed, copy, delete, ps, create (with blob upload), pull and push (through a real
+local registry).
 
 These check that the client's own types parse our answers; behaviour in depth is tested in
 test_inference.py and test_api_models.py.
@@ -15,6 +16,7 @@ import pytest
 
 from registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer
+from tests.registry_fixture import LocalRegistry, registry  # noqa: F401
 
 MODEL = DEFAULT_MODEL_NAME
 GREEDY = {"temperature": 0, "seed": 7, "num_predict": 8}
@@ -70,3 +72,33 @@ def test_copy_and_delete(fresh_server: BerthServer) -> None:
         with pytest.raises(ollama.ResponseError) as missing:
             native.delete("mine/copy:1")
         assert missing.value.status_code == 404
+
+
+def test_create_with_an_uploaded_blob_then_push_and_pull(fresh_server: BerthServer, registry: LocalRegistry,
+                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    weights = next(p for p in (fresh_server.models_dir / "blobs").iterdir() if p.stat().st_size > 100_000_000)
+    local = Path(tmp_path) / "model.gguf"
+    local.write_bytes(weights.read_bytes())
+    with ollama.Client(host=fresh_server.url, timeout=300) as native:
+        digest = native.create_blob(local)
+        assert digest == "sha256:" + weights.name[7:]
+        progress = list(native.create(model="uploaded:1", files={"model.gguf": digest}, system="Be brief.",
+                                      parameters={"temperature": 0.1}, stream=True))
+        assert progress[-1].status == "success"
+        shown = native.show("uploaded:1")
+        assert "SYSTEM Be brief." in (shown.modelfile or "") and shown.details.family == "gemma3"
+        derived = native.create(model="derived:1", from_="uploaded:1", template="{{ .Prompt }}")
+        assert derived.status == "success"
+
+        target = f"{registry.host}/team/uploaded:1"
+        assert native.copy("uploaded:1", target).status == "success"
+        pushed = list(native.push(target, insecure=True, stream=True))
+        assert pushed[-1].status == "success"
+        assert any(p.digest and p.total for p in pushed)
+        native.delete(target)
+        native.delete("uploaded:1")
+        pulled = list(native.pull(target, insecure=True, stream=True))
+        assert pulled[-1].status == "success"
+        assert "SYSTEM Be brief." in (native.show(target).modelfile or "")
