@@ -2,8 +2,8 @@
 
 Keys are required when the server listens beyond loopback (unless started with `--no-auth`);
 requests from this machine's loopback pass without one (so the operator can make the first key)
-unless BERTH_LOOPBACK_AUTH is set. A presented key is always checked. OpenAI clients send keys
-the same way (`Authorization: Bearer ...`).
+unless BERTH_LOOPBACK_AUTH is set. Where no key is required none is checked, since OpenAI
+clients always send one. They send keys the same way as the CLI (`Authorization: Bearer ...`).
 """
 
 from __future__ import annotations
@@ -59,17 +59,16 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         needed = required_scope(scope["method"], scope["path"])
-        secret = _bearer(scope)
-        if needed is None:
+        exempt = _is_loopback(scope) and not self.loopback_needs_key
+        if needed is None or not self.required or exempt:
+            # No key is needed here, so none is checked: OpenAI clients always send some key
+            # ("ollama", "none"...), and those must keep working against a local server.
             await self.app(scope, receive, send)
             return
+        secret = _bearer(scope)
         if secret is None:
-            exempt = _is_loopback(scope) and not self.loopback_needs_key
-            if self.required and not exempt:
-                await _deny(send, 401, "an API key is needed: set BERTH_API_KEY for the berth CLI, or send "
-                                       "'Authorization: Bearer <key>'; an admin makes keys with `berth keys create`")
-                return
-            await self.app(scope, receive, send)
+            await _deny(send, 401, "an API key is needed: set BERTH_API_KEY for the berth CLI, or send "
+                                   "'Authorization: Bearer <key>'; an admin makes keys with `berth keys create`")
             return
         key = self.keys.verify(secret)
         if key is None:
