@@ -11,6 +11,7 @@ import pytest
 
 from registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer, berth_executable
+from tests.registry_fixture import registry  # noqa: F401
 
 REPO = "library/gemma3"
 
@@ -78,3 +79,23 @@ def test_a_second_berth_pulls_from_the_first(server: BerthServer, fresh_server: 
     pulled = next(m for m in listed if m["name"] == source)
     original = next(m for m in httpx.get(server.url + "/api/tags").json()["models"] if m["name"] == DEFAULT_MODEL_NAME)
     assert pulled["digest"] == original["digest"]  # the manifest bytes came across unchanged
+
+
+def test_skopeo_copies_an_oci_model_from_berth(fresh_server: BerthServer, registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """skopeo copies OCI-manifest models (Docker v2 ones with Ollama layers it inspects only)."""
+    env = fresh_server.env()
+    oci_name = f"{registry.host}/team/gemma:oci"
+    for args in (["cp", DEFAULT_MODEL_NAME, oci_name], ["push", oci_name, "--insecure", "--oci"],
+                 ["rm", oci_name], ["pull", oci_name, "--insecure"]):
+        result = subprocess.run([berth_executable(), *args], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    target = tmp_path / "copied"
+    result = subprocess.run(["skopeo", "copy", "--src-tls-verify=false",
+                             f"docker://{fresh_server.host}/team/gemma:oci", f"dir:{target}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    weights = max(manifest["layers"], key=lambda l: l["size"])
+    copied = target / weights["digest"].split(":", 1)[1]
+    assert hashlib.sha256(copied.read_bytes()).hexdigest() == weights["digest"].split(":", 1)[1]
