@@ -62,6 +62,40 @@ SHORTCUTS_HELP = """Available keyboard shortcuts:
 """
 
 
+class Spinner:
+    """Ollama's braille spinner on stderr while the model loads; silent when stderr is not a terminal."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True) if sys.stderr.isatty() else None
+
+    def _spin(self) -> None:
+        frame = 0
+        while not self._stop.wait(0.1):
+            sys.stderr.write(f"\r{self.FRAMES[frame % len(self.FRAMES)]} ")
+            sys.stderr.flush()
+            frame += 1
+
+    def __enter__(self) -> "Spinner":
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None and not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            sys.stderr.write("\r  \r")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
 class Session:
     model: str
@@ -178,10 +212,12 @@ def generate_once(client: Client, session: Session, prompt: str, out: TextIO, im
         body["images"] = images
     wrapper = WordWrapper(out, _width() if session.wordwrap and out.isatty() else None)
     final: dict[str, Any] = {}
-    for chunk in _stream(client, "/api/generate", body):
-        wrapper.write(chunk.get("response", ""))
-        if chunk.get("done"):
-            final = chunk
+    with Spinner() as spinner:
+        for chunk in _stream(client, "/api/generate", body):
+            spinner.stop()
+            wrapper.write(chunk.get("response", ""))
+            if chunk.get("done"):
+                final = chunk
     wrapper.close()
     out.write("\n\n" if out.isatty() else "\n")
     out.flush()
@@ -266,7 +302,8 @@ class Repl:
         body: dict[str, Any] = {"model": self.session.model}
         if self.session.keepalive:
             body["keep_alive"] = self.session.keepalive
-        self.client.post_json("/api/generate", body)
+        with Spinner():
+            self.client.post_json("/api/generate", body)
 
     def _chat(self, text: str) -> None:
         session = self.session
