@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ from registry.library import Library  # noqa: E402
 from registry.manifest import MODEL_LAYER  # noqa: E402
 from registry.names import ModelName  # noqa: E402
 from registry.oci import RegistryClient  # noqa: E402
-from registry.pull import DEFAULT_CHUNK_SIZE, Puller  # noqa: E402
+from registry.pull import CHECKPOINT_BYTES, DEFAULT_CHUNK_SIZE, DEFAULT_PARALLEL, Puller  # noqa: E402
 from registry.push import Pusher  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 from tests.registry_fixture import start_registry  # noqa: E402
@@ -85,6 +86,11 @@ class CountingProxy:
             return value
 
 
+def _cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="berth-bench-pull-"))
     registry = start_registry(work / "registry")
@@ -102,28 +108,34 @@ def main() -> None:
 
         # -- 1. throughput against curl, same run, same blob --------------------------------------------
         curl_out = work / "curl.blob"
-        rounds = []
+        rounds: list[tuple[float, float]] = []
+        cpu: list[tuple[float, float]] = []
         for _ in range(3):
             curl_out.unlink(missing_ok=True)
             started = time.perf_counter()
+            children_before = _cpu_seconds(resource.RUSAGE_CHILDREN)
             subprocess.run(["curl", "-sSf", "-o", str(curl_out), url], check=True)
             curl_s = time.perf_counter() - started
+            curl_cpu = _cpu_seconds(resource.RUSAGE_CHILDREN) - children_before
             assert hashlib.sha256(curl_out.read_bytes()).hexdigest() == weights.digest.hex
             target = Library(work / f"pulled-{len(rounds)}")
             with RegistryClient() as client:
-                started = time.perf_counter()
+                started, cpu_before = time.perf_counter(), _cpu_seconds()
                 Puller(target, client).pull(name, lambda e: None, insecure=True)
-                berth_s = time.perf_counter() - started
+                berth_s, berth_cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
             assert target.blobs.hash_file(weights.digest) == weights.digest
             target.close()
             rounds.append((curl_s, berth_s))
+            cpu.append((curl_cpu, berth_cpu))
         size_mb = weights.size / 1e6
         curl_best = min(c for c, _ in rounds)
         berth_best = min(b for _, b in rounds)
         print(f"blob: {weights.digest.short}, {size_mb:.1f} MB")
-        for i, (c, b) in enumerate(rounds):
-            print(f"  round {i}: curl {size_mb / c:7.1f} MB/s   berth pull {size_mb / b:7.1f} MB/s (whole pull, "
-                  "manifest + 4 blobs, digest verified)")
+        print(f"berth: {DEFAULT_PARALLEL} streams of {DEFAULT_CHUNK_SIZE >> 20} MiB chunks, fdatasync every "
+              f"{CHECKPOINT_BYTES >> 20} MiB; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+        for i, ((c, b), (cc, bc)) in enumerate(zip(rounds, cpu)):
+            print(f"  round {i}: curl {size_mb / c:7.1f} MB/s ({cc:.2f} s CPU)   berth pull {size_mb / b:7.1f} MB/s "
+                  f"({bc:.2f} s CPU; whole pull, manifest + 4 blobs, digest verified, durable)")
         print(f"throughput ratio berth/curl (best of 3): {curl_best / berth_best:.2f}")
 
         # -- 2. kill the server at ~50%, restart, pull again -----------------------------------------------

@@ -321,11 +321,13 @@ def import_ollama(
 def pull(
     model: str = typer.Argument(..., help="Model to pull, e.g. registry.example.com/team/model:tag."),
     insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),
+    max_rate: Optional[str] = typer.Option(None, "--max-rate",
+                                           help="Cap this pull's download rate, e.g. 50M (bytes/s)."),
 ) -> None:
     """Pull a model from a registry (resumes an interrupted pull)."""
     from cli import transfer
 
-    _run(lambda: transfer.pull(model, insecure))
+    _run(lambda: transfer.pull(model, insecure, max_rate))
 
 
 @app.command()
@@ -333,11 +335,32 @@ def push(
     model: str = typer.Argument(..., help="Model to push; its name says the registry and repository."),
     insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),
     oci: bool = typer.Option(False, "--oci", help="Push an OCI image manifest (for skopeo, oras, Harbor)."),
+    sign: bool = typer.Option(False, "--sign", help="Sign the pushed manifest with your key (see `berth key`)."),
 ) -> None:
     """Push a model to a registry."""
     from cli import transfer
 
-    _run(lambda: transfer.push(model, insecure, oci))
+    _run(lambda: transfer.push(model, insecure, oci, sign))
+
+
+@app.command("key")
+def key() -> None:
+    """Print your public key (created on first use), for a registry account or a trust policy."""
+    from cli import transfer
+
+    _run(lambda: typer.echo(transfer.public_key()))
+
+
+@app.command()
+def verify(
+    model: str = typer.Argument(..., help="Remote model to check, e.g. registry.example.com/team/model:tag."),
+    insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),
+    key: list[str] = typer.Option([], "--key", help="Trusted public key (ssh-ed25519 line or PEM file); repeatable."),
+) -> None:
+    """Check that a remote model is signed by a trusted key (BERTH_TRUST_POLICY's keys plus --key)."""
+    from cli import transfer
+
+    _run(lambda: typer.echo(transfer.verify(model, insecure, key)))
 
 
 @app.command()

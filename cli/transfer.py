@@ -10,6 +10,7 @@ registry itself before saving them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Iterator, TextIO
 
@@ -105,12 +106,63 @@ def _show(path: str, body: dict[str, Any], verb: str) -> None:
         display.close()
 
 
-def pull(model: str, insecure: bool = False) -> None:
-    _show("/api/pull", {"model": model, "insecure": insecure, "stream": True}, "pull")
+def pull(model: str, insecure: bool = False, max_rate: str | None = None) -> None:
+    """`max_rate` like `50M` (bytes/s; registry/rate.py) caps this pull; the server checks it."""
+    body: dict[str, Any] = {"model": model, "insecure": insecure, "stream": True}
+    if max_rate:
+        body["max_rate"] = max_rate
+    _show("/api/pull", body, "pull")
 
 
-def push(model: str, insecure: bool = False, oci: bool = False) -> None:
-    _show("/api/push", {"model": model, "insecure": insecure, "oci": oci, "stream": True}, "push")
+def push(model: str, insecure: bool = False, oci: bool = False, sign: bool = False) -> None:
+    """`sign`: the server signs the pushed manifest with its user's key (registry/signing.py)."""
+    _show("/api/push", {"model": model, "insecure": insecure, "oci": oci, "sign": sign, "stream": True}, "push")
+
+
+def public_key() -> str:
+    """`berth key`: the user's public key line (created on first use), to register with a registry
+    or put in someone's trust policy."""
+    from registry.credentials import berth_home
+    from registry.errors import BerthError
+    from registry.user_key import load_or_create_key
+
+    try:
+        return load_or_create_key(berth_home()).public_line()
+    except BerthError as exc:
+        raise ClientError(str(exc)) from None
+
+
+def verify(model: str, insecure: bool = False, keys: list[str] | None = None) -> str:
+    """`berth verify MODEL`: check the remote model's signatures against BERTH_TRUST_POLICY's keys for
+    its registry plus `keys` (`ssh-ed25519 …` lines or PEM files); raises unless one verifies."""
+    from pathlib import Path
+
+    from registry.credentials import CredentialStore
+    from registry.errors import BerthError
+    from registry.names import ModelName
+    from registry.network import NetworkSettings
+    from registry.oci import RegistryClient, Repository
+    from registry.pull import fetch_manifest
+    from registry.signing import Signatures, parse_public_key
+    from registry.trust import TrustPolicy
+
+    try:
+        name = ModelName.parse(model)
+        repo = Repository.of(name, insecure)
+        rule = TrustPolicy.from_env(os.environ).rule_for(repo.host, repo.path)
+        extra = [parse_public_key(Path(k).read_text() if Path(k).is_file() else k) for k in keys or []]
+        trusted = [*rule.keys, *extra]
+        if not trusted:
+            raise ClientError(f"no trusted keys for {repo.host}/{repo.path}: pass --key or set BERTH_TRUST_POLICY")
+        with RegistryClient(CredentialStore(), network=NetworkSettings.from_env()) as client:
+            manifest = fetch_manifest(client, repo, name.tag)
+            check = Signatures(client).check(repo, manifest.digest, trusted)
+    except BerthError as exc:
+        raise ClientError(f"verify {model}: {exc}") from None
+    if not check.verified:
+        found = f"{check.found} signature(s), none by a trusted key" if check.found else "no signature"
+        raise ClientError(f"{model} ({manifest.digest}) is NOT verified: {found}")
+    return f"{model} ({manifest.digest}) verified: signed by " + ", ".join(check.trusted_by)
 
 
 def login(registry: str, username: str | None, password_stdin: bool, insecure: bool = False) -> str:
@@ -119,6 +171,7 @@ def login(registry: str, username: str | None, password_stdin: bool, insecure: b
 
     from registry.credentials import Credential, CredentialStore, normalize_host
     from registry.errors import BerthError
+    from registry.network import NetworkSettings
     from registry.oci import RegistryClient, Repository
 
     try:
@@ -139,7 +192,7 @@ def login(registry: str, username: str | None, password_stdin: bool, insecure: b
             return credential
 
     try:
-        with RegistryClient(_Trial()) as client:
+        with RegistryClient(_Trial(), network=NetworkSettings.from_env()) as client:
             client.ping(Repository(host, "", insecure))
         CredentialStore().save(host, credential)
     except BerthError as exc:

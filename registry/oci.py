@@ -38,6 +38,8 @@ from registry.credentials import Credential
 from registry.digest import Digest
 from registry.errors import BerthError, NotFound, TooLarge
 from registry.names import ModelName
+from registry.network import NetworkSettings
+from registry.ollama_auth import RequestSigner
 
 USER_AGENT = "berth/0.1 (registry client)"
 # Tokens, error bodies and upload status answers are tiny; this bounds what a hostile peer can make
@@ -216,7 +218,11 @@ def read_bounded(response: httpx.Response, limit: int, what: str) -> bytes:
 def describe(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return f"timed out ({type(exc).__name__})"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        # Behind a TLS-intercepting proxy or with a private CA this is the usual cause.
+        text += " (if a proxy or private CA signs this certificate, point BERTH_CA_BUNDLE at its PEM file)"
+    return text
 
 
 def _origin(url: str) -> str:
@@ -228,15 +234,23 @@ class RegistryClient:
     """Authenticated, retrying, bounded requests to OCI registries. One per app (or per CLI call)."""
 
     def __init__(self, credentials: CredentialSource | None = None, timeouts: Timeouts = Timeouts(),
-                 retry: RetryPolicy = RetryPolicy(), user_agent: str = USER_AGENT) -> None:
+                 retry: RetryPolicy = RetryPolicy(), user_agent: str = USER_AGENT,
+                 network: NetworkSettings = NetworkSettings(), signer: RequestSigner | None = None) -> None:
+        """`network`: proxies and CA bundle (registry/network.py); `signer`: the user's key, for
+        registries whose token endpoint wants Ollama's signed requests (registry/ollama_auth.py)."""
         self.credentials = credentials
         self.timeouts = timeouts
         self.retry = retry
+        self.network = network
+        self.signer = signer
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        verify = network.ssl_context()
         # follow_redirects=False: redirects are followed by hand (see module docstring);
-        # trust_env=False: no proxy or netrc picked up behind the user's back.
+        # trust_env=False: proxies and CAs come from `network`, read once and explicitly, and no
+        # netrc is picked up behind the user's back.
         self._http = httpx.Client(follow_redirects=False, trust_env=False, timeout=timeouts.httpx(),
-                                  headers={"User-Agent": user_agent},
-                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+                                  headers={"User-Agent": user_agent}, limits=limits, verify=verify,
+                                  mounts=network.mounts(verify, limits))
         self._lock = threading.Lock()
         self._tokens: dict[tuple[str, str, str], str] = {}
         # (host, scope) -> the challenge it answered with, so the next request sends credentials up front.
@@ -384,13 +398,18 @@ class RegistryClient:
         if parts.scheme == "http" and not repo.insecure:
             raise RegistryRefused(f"{repo.host} asked for a token over plain http; use https or --insecure")
         key = self._token_key(challenge, scope)
-        query = {"service": key[1], "scope": key[2]} if key[1] else {"scope": key[2]}
-        separator = "&" if parts.query else "?"
-        token_url = f"{realm}{separator}{urlencode(query)}"
         headers = {}
         credential = self._credential(repo)
-        if credential is not None:
-            headers["Authorization"] = credential.basic_header()
+        if credential is None and self.signer is not None and self.signer.covers(repo.host):
+            # Ollama's registry: the token request is signed with the user's key.
+            token_url = self.signer.token_url(realm, key[1], key[2])
+            headers["Authorization"] = self.signer.authorization("GET", token_url)
+        else:
+            query = {"service": key[1], "scope": key[2]} if key[1] else {"scope": key[2]}
+            separator = "&" if parts.query else "?"
+            token_url = f"{realm}{separator}{urlencode(query)}"
+            if credential is not None:
+                headers["Authorization"] = credential.basic_header()
         try:
             response = self._http.get(token_url, headers=headers)
         except httpx.TransportError as exc:

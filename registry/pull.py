@@ -8,10 +8,15 @@ Sequence and progress statuses follow Ollama (spec/ollama-registry.md §4): `pul
   and every digest in it is validated (`Manifest.parse`) before any path or URL is built from it.
 * A missing blob is fetched as fixed-size chunks over parallel `Range` requests into
   `blobs/sha256-<hex>-partial` (not a blob name, so nothing can mistake it for a finished blob).
-  Bytes on disk per chunk are recorded in the catalog as they land (registry/catalog/downloads.py);
-  one thread hashes chunks in order as soon as each is complete, so the blob's digest is known when
-  the last byte lands: no second pass over the file. A killed pull resumes: the chunks already on
-  disk are re-hashed once (each checked against its recorded hash) and only the rest is fetched.
+  Chunk threads pwrite what arrives (gathered into 1 MiB writes) and every 4 MiB fdatasync it and
+  only then record it in the catalog (registry/catalog/downloads.py): the catalog never claims a
+  byte a crash could lose, and since data is flushed as it arrives the closing fsync is short (it
+  used to be most of a pull's time). Each chunk thread hashes its chunk's bytes in memory as they
+  arrive (the hash is recorded with the chunk's last checkpoint); one more thread hashes the whole
+  blob in order, following the bytes as they land, so the digest is known when the last byte lands:
+  no second pass over the file. A killed pull resumes: the durable chunks are re-hashed once (each
+  checked against its recorded hash; a damaged one is fetched again) and only the rest is fetched.
+* Rate caps (registry/rate.py) are token buckets shared by all chunk threads.
 * A blob whose bytes do not match is deleted with its partial state and the pull fails; the tag is
   committed (one transaction, `Library.tag`) only after every blob is in the store, verified.
 * Two pulls of the same blob in one server share one download (`SharedDownloads`, owned by the
@@ -40,14 +45,19 @@ from registry.manifest import DOCKER_MANIFEST, MANIFEST_TYPES, MAX_MANIFEST_BYTE
 from registry.names import ModelName
 from registry.oci import (RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, RegistryUnauthorized,
                           Repository, describe, read_bounded)
+from registry.rate import RateLimiter
+from registry.signing import Signatures
+from registry.trust import TrustMode, TrustPolicy, UntrustedModel, decide
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
 
-DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
-DEFAULT_PARALLEL = 8
-# Progress of a chunk is written to the catalog at least this often (bytes), so a kill loses little.
-SAVE_EVERY = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_PARALLEL = 4
+# A chunk's landed bytes are made durable (fdatasync) and recorded in the catalog this often, so a
+# kill loses at most this much per stream, and the final fsync finds almost nothing left to write.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+WRITE_SIZE = 1024 * 1024
 HASH_READ = 4 * 1024 * 1024
 PROGRESS_INTERVAL = 0.1
 PARTIAL_SUFFIX = "-partial"
@@ -98,11 +108,17 @@ class ChunkPlan:
 
 
 class BlobFetch:
-    """Downloads one blob into its partial file and publishes it into the store once verified."""
+    """Downloads one blob into its partial file and publishes it into the store once verified.
+
+    Three kinds of state per chunk, each moving forward only: bytes *landed* (written to the page
+    cache, shown as progress and followed by the hasher), bytes *durable* (fdatasync'd; the only
+    figure the catalog ever records, so a resume never trusts bytes a crash could have lost), and
+    the chunk's sha256 once the in-order hasher has passed it.
+    """
 
     def __init__(self, client: RegistryClient, repo: Repository, desc: Descriptor, store: BlobStore,
                  journal: DownloadJournal, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 parallel: int = DEFAULT_PARALLEL) -> None:
+                 parallel: int = DEFAULT_PARALLEL, limiters: tuple[RateLimiter, ...] = ()) -> None:
         self.client = client
         self.repo = repo
         self.desc = desc
@@ -110,17 +126,23 @@ class BlobFetch:
         self.journal = journal
         self.chunk_size = chunk_size
         self.parallel = parallel
+        self.limiters = limiters
         self.cancel = threading.Event()
         self.total = desc.size
         self.fetched = 0  # bytes received from the network in this run (the resume figure)
         self._cond = threading.Condition()
-        self._on_disk: list[int] = []
+        self._landed: list[int] = []
+        self._durable: list[int] = []
+        self._chunk_sha: dict[int, str] = {}
+        self._hashing = -1  # the chunk the hasher waits on: only its writer needs to wake it
         self._failure: BaseException | None = None
+        # Serialises catalog writes so a slower writer cannot overwrite a newer figure with an older one.
+        self._journal_lock = threading.Lock()
 
     @property
     def completed(self) -> int:
         with self._cond:
-            return sum(self._on_disk)
+            return sum(self._landed)
 
     def run(self) -> None:
         digest = self.desc.digest
@@ -131,18 +153,19 @@ class BlobFetch:
             with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pull-chunk") as pool:
                 futures: dict[int, Future[None]] = {}
                 for idx in range(plan.count):
-                    if self._on_disk[idx] < self._length(plan, idx):
+                    if self._landed[idx] < self._length(plan, idx):
                         futures[idx] = pool.submit(self._fetch_chunk_guarded, fd, plan, idx)
                 try:
                     actual = self._hash_in_order(fd, plan, hashes, pool, futures)
                 except BaseException:
-                    self.cancel.set()  # stop the other chunks; what is on disk stays for a resume
+                    self.cancel.set()  # stop the other chunks; what is durable stays for a resume
                     raise
             if actual != digest:
                 os.close(fd)
                 fd = -1
                 self._discard(path)
                 raise BlobDigestMismatch(digest, actual, self.repo.host)
+            # Every chunk was fdatasync'd as it completed, so this only settles the inode.
             os.fsync(fd)
         finally:
             if fd >= 0:
@@ -160,15 +183,17 @@ class BlobFetch:
         state = self.journal.load(digest)
         if state is not None and state.size == size and path.is_file() and path.stat().st_size == size:
             plan = ChunkPlan(size, state.chunk_size)
-            self._on_disk = [min(state.chunks[i].completed, self._length(plan, i)) if i in state.chunks else 0
-                             for i in range(plan.count)]
+            self._landed = [min(state.chunks[i].completed, self._length(plan, i)) if i in state.chunks else 0
+                            for i in range(plan.count)]
+            self._durable = list(self._landed)
             hashes = {i: c.sha256 for i, c in state.chunks.items() if c.sha256}
             return plan, hashes
         plan = ChunkPlan(size, self.chunk_size)
         self.journal.start(digest, size, plan.chunk_size)
         with open(path, "wb") as handle:
             handle.truncate(size)
-        self._on_disk = [0] * plan.count
+        self._landed = [0] * plan.count
+        self._durable = [0] * plan.count
         return plan, {}
 
     @staticmethod
@@ -180,52 +205,83 @@ class BlobFetch:
         path.unlink(missing_ok=True)
         self.journal.forget(self.desc.digest)
 
+    # -- durability --------------------------------------------------------------------------------
+
+    def _make_durable(self, fd: int, idx: int) -> None:
+        """fdatasync what has landed of chunk `idx`, then (and only then) record it in the catalog."""
+        with self._cond:
+            landed = self._landed[idx]
+            if landed <= self._durable[idx]:
+                return
+        os.fdatasync(fd)
+        with self._cond:
+            self._durable[idx] = max(self._durable[idx], landed)
+        self._checkpoint(idx)
+
+    def _checkpoint(self, idx: int) -> None:
+        with self._journal_lock:
+            with self._cond:
+                durable, sha = self._durable[idx], self._chunk_sha.get(idx)
+            self.journal.record(self.desc.digest, idx, durable, sha)
+
+    def _restart_chunk(self, idx: int) -> None:
+        """Forget a chunk whose bytes on disk no longer match its recorded hash."""
+        with self._journal_lock:
+            with self._cond:
+                self._landed[idx] = self._durable[idx] = 0
+                self._chunk_sha.pop(idx, None)
+            self.journal.record(self.desc.digest, idx, 0)
+
     # -- hashing ---------------------------------------------------------------------------------
 
     def _hash_in_order(self, fd: int, plan: ChunkPlan, recorded: dict[int, str], pool: ThreadPoolExecutor,
                        futures: dict[int, Future[None]]) -> Digest:
-        """Feed chunks to the blob's hash as each becomes complete, in order (one pass, overlapped)."""
+        """Feed bytes to the blob's hash in order as they land (one pass, overlapped with the download).
+
+        Chunk hashes are computed by the chunk threads as bytes arrive (in parallel, on other cores);
+        this thread computes one only to check a chunk an earlier run recorded."""
         whole = hashlib.sha256()
         for idx in range(plan.count):
-            length = self._length(plan, idx)
-            while True:
-                self._wait_for_chunk(idx, length)
-                chunk_hash = self._hash_chunk(fd, plan, idx, whole_copy := whole.copy())
-                if recorded.get(idx) in (None, chunk_hash.hexdigest()):
+            while idx in recorded:
+                chunk_hash = hashlib.sha256()
+                candidate = whole.copy()
+                self._hash_range(fd, plan, idx, (chunk_hash, candidate))
+                if chunk_hash.hexdigest() == recorded.pop(idx):
+                    whole = candidate
                     break
                 # The bytes on disk changed since they were hashed (disk damage, tampering): fetch again.
-                recorded.pop(idx)
-                with self._cond:
-                    self._on_disk[idx] = 0
-                self.journal.record(self.desc.digest, idx, 0)
+                self._restart_chunk(idx)
                 futures[idx] = pool.submit(self._fetch_chunk_guarded, fd, plan, idx)
-            whole = whole_copy
-            if recorded.get(idx) is None:
-                self.journal.record(self.desc.digest, idx, length, chunk_hash.hexdigest())
+            else:
+                self._hash_range(fd, plan, idx, (whole,))
         return Digest(whole.hexdigest())
 
-    def _hash_chunk(self, fd: int, plan: ChunkPlan, idx: int, whole: "hashlib._Hash") -> "hashlib._Hash":
+    def _hash_range(self, fd: int, plan: ChunkPlan, idx: int, hashes: tuple["hashlib._Hash", ...]) -> None:
         start, end = plan.bounds(idx)
-        chunk_hash = hashlib.sha256()
         offset = start
         while offset < end:
-            # Just written, so this reads from the page cache, not the disk.
-            data = os.pread(fd, min(HASH_READ, end - offset), offset)
-            if not data:
-                raise BerthError(f"partial file of {self.desc.digest} is shorter than expected; pull again")
-            chunk_hash.update(data)
-            whole.update(data)
-            offset += len(data)
-        return chunk_hash
+            landed_end = start + self._wait_for_bytes(idx, offset - start)
+            while offset < landed_end:
+                # Just written, so this reads from the page cache, not the disk; sha256 releases
+                # the GIL on large updates, so this thread hashes while the others download.
+                data = os.pread(fd, min(HASH_READ, landed_end - offset), offset)
+                if not data:
+                    raise BerthError(f"partial file of {self.desc.digest} is shorter than expected; pull again")
+                for running in hashes:
+                    running.update(data)
+                offset += len(data)
 
-    def _wait_for_chunk(self, idx: int, length: int) -> None:
+    def _wait_for_bytes(self, idx: int, hashed: int) -> int:
+        """Block until chunk `idx` has more than `hashed` bytes landed; return how many it has."""
         with self._cond:
-            while self._on_disk[idx] < length:
+            self._hashing = idx
+            while self._landed[idx] <= hashed:
                 if self._failure is not None:
                     raise self._failure
                 if self.cancel.is_set():
                     raise PullCancelled("pull cancelled; run it again to resume")
                 self._cond.wait(0.2)
+            return self._landed[idx]
 
     # -- fetching --------------------------------------------------------------------------------
 
@@ -244,23 +300,21 @@ class BlobFetch:
         scope = self.repo.scope("pull")
         failures = 0
         last_error = ""
+        chunk_hash = self._seed_chunk_hash(fd, start, self._landed_of(idx))
         while True:
-            with self._cond:
-                done = self._on_disk[idx]
+            done = self._landed_of(idx)
             if start + done >= end:
                 return
             if self.cancel.is_set():
                 raise PullCancelled("pull cancelled")
             before = done
             try:
-                done = self._stream_range(fd, url, scope, idx, start, end, done)
+                self._stream_range(fd, url, scope, idx, start, end, done, chunk_hash)
             except (RegistryRefused, RegistryUnauthorized):
                 raise  # retrying cannot help, and must not (a refusal is a security decision)
             except (httpx.TransportError, RegistryError) as exc:
                 last_error = describe(exc) if isinstance(exc, httpx.TransportError) else str(exc)
-                with self._cond:
-                    done = self._on_disk[idx]
-            self.journal.record(self.desc.digest, idx, done)
+            done = self._landed_of(idx)
             if start + done >= end:
                 return
             # A connection that delivered bytes before dropping is not a failure: resume at once.
@@ -272,7 +326,20 @@ class BlobFetch:
                     " run the pull again to resume from there")
             time.sleep(self.client.retry.backoff(failures - 1) if failures else 0)
 
-    def _stream_range(self, fd: int, url: str, scope: str, idx: int, start: int, end: int, done: int) -> int:
+    def _seed_chunk_hash(self, fd: int, start: int, done: int) -> "hashlib._Hash":
+        """A chunk's running hash, fed the bytes an earlier run left of it (a resume mid-chunk)."""
+        chunk_hash = hashlib.sha256()
+        offset = start
+        while offset < start + done:
+            data = os.pread(fd, min(HASH_READ, start + done - offset), offset)
+            if not data:
+                raise BerthError(f"partial file of {self.desc.digest} is shorter than expected; pull again")
+            chunk_hash.update(data)
+            offset += len(data)
+        return chunk_hash
+
+    def _stream_range(self, fd: int, url: str, scope: str, idx: int, start: int, end: int, done: int,
+                      chunk_hash: "hashlib._Hash") -> None:
         offset = start + done
         headers = {"Range": f"bytes={offset}-{end - 1}", "Accept-Encoding": "identity"}
         with self.client.stream("GET", url, self.repo, scope, headers=headers, ok=(200, 206)) as response:
@@ -284,38 +351,75 @@ class BlobFetch:
                 if not served.startswith(f"bytes {offset}-"):
                     raise RegistryError(f"{self.repo.host} answered range {served!r} for bytes={offset}-")
             try:
-                self._copy_body(fd, response, idx, start, end, offset)
+                self._copy_body(fd, response, idx, start, end, offset, chunk_hash)
             finally:
-                # Whatever landed is recorded even when the attempt dies, so a resume skips it.
-                self.journal.record(self.desc.digest, idx, self._on_disk_of(idx))
-        return self._on_disk_of(idx)
+                # Whatever landed is made durable and recorded even when the attempt dies, so a
+                # resume skips it.
+                self._make_durable(fd, idx)
 
-    def _on_disk_of(self, idx: int) -> int:
+    def _landed_of(self, idx: int) -> int:
         with self._cond:
-            return self._on_disk[idx]
+            return self._landed[idx]
 
-    def _copy_body(self, fd: int, response: httpx.Response, idx: int, start: int, end: int, offset: int) -> None:
-        unsaved = 0
-        # Raw bytes: no content decoding, so a compressed body cannot expand (a gzip bomb is
-        # just wrong bytes, caught by the digest).
-        for data in response.iter_raw():
-            if self.cancel.is_set():
-                raise PullCancelled("pull cancelled")
-            take = min(len(data), end - offset)
-            if take <= 0:
-                break
-            os.pwrite(fd, memoryview(data)[:take], offset)
-            offset += take
-            unsaved += take
-            with self._cond:
-                self._on_disk[idx] = offset - start
-                self.fetched += take
-                self._cond.notify_all()
-            if unsaved >= SAVE_EVERY:
-                self.journal.record(self.desc.digest, idx, offset - start)
-                unsaved = 0
+    def _copy_body(self, fd: int, response: httpx.Response, idx: int, start: int, end: int, offset: int,
+                   chunk_hash: "hashlib._Hash") -> None:
+        # Body pieces arrive as 64 KiB reads; they are gathered into WRITE_SIZE writes because every
+        # pwrite, lock and wake-up is a GIL hand-off, and with several streams plus the hasher
+        # those hand-offs, not the disk, were what limited throughput. The buffer is written out in
+        # `finally`, so bytes that arrived before a dropped connection are kept for the retry.
+        buffer = bytearray()
+        unsynced = 0
+        try:
+            # Raw bytes: no content decoding, so a compressed body cannot expand (a gzip bomb is
+            # just wrong bytes, caught by the digest).
+            for data in response.iter_raw():
+                if self.cancel.is_set():
+                    raise PullCancelled("pull cancelled")
+                take = min(len(data), end - offset - len(buffer))
+                if take <= 0:
+                    break
+                buffer += memoryview(data)[:take]
+                if len(buffer) < WRITE_SIZE and offset + len(buffer) < end:
+                    continue
+                offset = self._land(fd, idx, start, end, offset, buffer, chunk_hash)
+                unsynced += len(buffer)
+                buffer.clear()
+                if unsynced >= CHECKPOINT_BYTES or offset >= end:
+                    self._make_durable(fd, idx)
+                    unsynced = 0
+                if offset >= end:
+                    break
+        finally:
+            if buffer:
+                self._land(fd, idx, start, end, offset, buffer, chunk_hash)
+
+    def _land(self, fd: int, idx: int, start: int, end: int, offset: int, data: bytearray,
+              chunk_hash: "hashlib._Hash") -> int:
+        """Write received bytes at `offset`, publish them as landed, pay the rate caps; new offset.
+
+        The chunk's hash is taken from these bytes in memory, on this thread: the in-order hasher
+        then has only the blob's digest to compute, and chunk threads hash in parallel."""
+        _pwrite_all(fd, memoryview(data), offset)
+        chunk_hash.update(data)
+        offset += len(data)
+        with self._cond:
             if offset >= end:
-                break
+                self._chunk_sha[idx] = chunk_hash.hexdigest()  # recorded with the chunk's last checkpoint
+            self._landed[idx] = offset - start
+            self.fetched += len(data)
+            if self._hashing == idx:
+                self._cond.notify_all()
+        for limiter in self.limiters:
+            limiter.consume(len(data), self.cancel.is_set)
+        return offset
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite may write less than asked (signals, quotas); loop until all of it is in the file."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
 
 
 @dataclass
@@ -371,43 +475,57 @@ class PullResult:
     fetched_bytes: int
 
 
+def fetch_manifest(client: RegistryClient, repo: Repository, reference: str) -> Manifest:
+    """The manifest as served (bounded, every digest validated, its digest checked against the header)."""
+    headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+    try:
+        response = client.request("GET", repo.manifest_url(reference), repo, repo.scope("pull"), headers=headers)
+    except RegistryNotFound:
+        raise RegistryNotFound("pull model manifest: file does not exist") from None
+    served_digest = response.headers.get("docker-content-digest")
+    raw = read_bounded(response, MAX_MANIFEST_BYTES, "manifest")
+    manifest = Manifest.parse(raw)
+    if served_digest and served_digest != str(manifest.digest):
+        raise InvalidInput(f"the registry says the manifest is {served_digest} but its bytes hash to "
+                           f"{manifest.digest}; refusing it")
+    return manifest
+
+
 class Puller:
     """Pulls models into a Library. Thread-safe; one per app."""
 
     def __init__(self, library: Library, client: RegistryClient, downloads: SharedDownloads | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, parallel: int = DEFAULT_PARALLEL) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, parallel: int = DEFAULT_PARALLEL,
+                 rate_limit: RateLimiter | None = None, trust: TrustPolicy = TrustPolicy()) -> None:
+        """`rate_limit` caps all pulls that share it (the server's `BERTH_MAX_DOWNLOAD_RATE`);
+        `trust` says which models must be signed (`BERTH_TRUST_POLICY`, registry/trust.py)."""
         self.library = library
         self.client = client
         self.downloads = downloads or SharedDownloads()
         self.journal = DownloadJournal(library)
         self.chunk_size = chunk_size
         self.parallel = parallel
+        self.rate_limit = rate_limit
+        self.trust = trust
 
     def fetch_manifest(self, repo: Repository, reference: str) -> Manifest:
-        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
-        try:
-            response = self.client.request("GET", repo.manifest_url(reference), repo, repo.scope("pull"),
-                                           headers=headers)
-        except RegistryNotFound:
-            raise RegistryNotFound("pull model manifest: file does not exist") from None
-        served_digest = response.headers.get("docker-content-digest")
-        raw = read_bounded(response, MAX_MANIFEST_BYTES, "manifest")
-        manifest = Manifest.parse(raw)
-        if served_digest and served_digest != str(manifest.digest):
-            raise InvalidInput(f"the registry says the manifest is {served_digest} but its bytes hash to "
-                               f"{manifest.digest}; refusing it")
-        return manifest
+        return fetch_manifest(self.client, repo, reference)
 
     def pull(self, name: ModelName, emit: Emit, insecure: bool = False,
-             cancel: threading.Event | None = None) -> PullResult:
+             cancel: threading.Event | None = None, max_rate: int | None = None) -> PullResult:
+        """Pull `name` and tag it. `max_rate` (bytes/s) caps this pull on top of the Puller's own cap;
+        a blob another pull is already downloading keeps the caps that download started with."""
         cancel = cancel or threading.Event()
         repo = Repository.of(name, insecure)
         emit(progress("pulling manifest"))
         manifest = self.fetch_manifest(repo, name.tag)
+        self._check_trust(repo, manifest, emit)
+        limiters = tuple(limit for limit in (self.rate_limit, RateLimiter(max_rate) if max_rate else None)
+                         if limit is not None)
         fetched = 0
         with self.library.pinned([desc.digest for desc in manifest.blobs()]):
             for desc in manifest.blobs():
-                fetched += self._ensure_blob(repo, desc, emit, cancel)
+                fetched += self._ensure_blob(repo, desc, emit, cancel, limiters)
             # Each blob was hashed as it landed; this status is kept for clients that wait for it.
             emit(progress("verifying sha256 digest"))
             emit(progress("writing manifest"))
@@ -415,7 +533,21 @@ class Puller:
         emit(progress("success"))
         return PullResult(manifest, fetched)
 
-    def _ensure_blob(self, repo: Repository, desc: Descriptor, emit: Emit, cancel: threading.Event) -> int:
+    def _check_trust(self, repo: Repository, manifest: Manifest, emit: Emit) -> None:
+        """Before any blob is fetched or tag written: enforce refuses, warn says so, off skips."""
+        if self.trust.rule_for(repo.host, repo.path).mode is TrustMode.OFF:
+            return
+        emit(progress("verifying signature"))
+        decision = decide(Signatures(self.client), self.trust, repo, manifest.digest)
+        if decision.check is not None and decision.check.verified:
+            return
+        if decision.rule.mode is TrustMode.ENFORCE:
+            raise UntrustedModel(f"refusing {repo.host}/{repo.path}: {decision.message} (BERTH_TRUST_POLICY "
+                                 "enforces signatures here); nothing was downloaded or tagged")
+        emit(progress(f"warning: {decision.message}"))
+
+    def _ensure_blob(self, repo: Repository, desc: Descriptor, emit: Emit, cancel: threading.Event,
+                     limiters: tuple[RateLimiter, ...] = ()) -> int:
         status = f"pulling {desc.digest.short}"
         store = self.library.blobs
         if store.exists(desc.digest):
@@ -423,7 +555,7 @@ class Puller:
             emit(progress(status, desc.digest, size, size))
             return 0
         shared = self.downloads.join(desc.digest, lambda: BlobFetch(
-            self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel))
+            self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel, limiters))
         try:
             last = -1
             while not shared.done.wait(PROGRESS_INTERVAL):
@@ -442,4 +574,4 @@ class Puller:
 
 
 __all__ = ["BlobFetch", "DOCKER_MANIFEST", "PullCancelled", "PullResult", "Puller", "SharedDownloads",
-           "partial_path", "progress"]
+           "fetch_manifest", "partial_path", "progress"]

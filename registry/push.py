@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from registry.digest import Digest
 from registry.errors import BerthError, InvalidInput
@@ -30,6 +31,8 @@ from registry.names import ModelName
 from registry.oci import (RegistryClient, RegistryError, RegistryRefused, RegistryUnauthorized, Repository,
                           read_bounded)
 from registry.pull import Emit, progress
+from registry.signing import Signatures
+from registry.user_key import UserKey
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DEFAULT_UPLOAD_CHUNK = 32 * 1024 * 1024
@@ -75,9 +78,24 @@ def _upload_location(repo: Repository, headers: Any) -> str:
 
 
 def _with_query(url: str, key: str, value: str) -> str:
-    from urllib.parse import quote
-
     return f"{url}{'&' if '?' in url else '?'}{key}={quote(value, safe=':')}"
+
+
+def upload_bytes(client: RegistryClient, repo: Repository, data: bytes) -> Digest:
+    """Upload a small blob held in memory (HEAD first, then POST + one PUT): signature artifacts."""
+    digest = Digest.of_bytes(data)
+    scope = repo.scope("pull", "push")
+    head = client.request("HEAD", repo.blob_url(digest), repo, scope, ok=(200, 404))
+    head.close()
+    if head.status_code == 200:
+        return digest
+    started = client.request("POST", repo.uploads_url(), repo, scope, ok=(202,))
+    started.close()
+    location = _with_query(_upload_location(repo, started.headers), "digest", str(digest))
+    done = client.request("PUT", location, repo, scope, content=data, ok=(201, 204),
+                          headers={"Content-Type": "application/octet-stream"})
+    done.close()
+    return digest
 
 
 class Pusher:
@@ -89,7 +107,8 @@ class Pusher:
         self.chunk_size = chunk_size
 
     def push(self, name: ModelName, emit: Emit, insecure: bool = False, oci: bool = False,
-             cancel: threading.Event | None = None) -> PushResult:
+             cancel: threading.Event | None = None, sign: UserKey | None = None) -> PushResult:
+        """Push `name`; with `sign`, also store a signature of the pushed manifest (registry/signing.py)."""
         cancel = cancel or threading.Event()
         emit(progress("retrieving manifest"))
         stored = self.library.get(name)
@@ -106,6 +125,9 @@ class Pusher:
         response = self.client.request("PUT", repo.manifest_url(stored.name.tag), repo, repo.scope("pull", "push"),
                                        headers={"Content-Type": media_type}, content=raw, ok=(200, 201, 202))
         response.close()
+        if sign is not None:
+            emit(progress("pushing signature"))
+            Signatures(self.client).push(repo, raw, media_type, sign)
         emit(progress("success"))
         return PushResult(Digest.of_bytes(raw), uploaded, mounted)
 

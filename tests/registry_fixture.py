@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -48,10 +49,11 @@ class LocalRegistry:
     process: subprocess.Popen[bytes]
     log_path: Path
     auth: tuple[str, str] | None = None
+    tls_certificate: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls_certificate else 'http'}://{self.host}"
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -63,7 +65,35 @@ class LocalRegistry:
                 self.process.wait(timeout=5)
 
 
-def start_registry(base: Path, users: dict[str, str] | None = None) -> LocalRegistry:
+def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for `host` (an IP SAN) and its key, as PEM files: (cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "berth test registry")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "registry.crt", directory / "registry.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def start_registry(base: Path, users: dict[str, str] | None = None, tls: bool = False) -> LocalRegistry:
+    """Start docker-registry; with `tls`, it serves https with a fresh self-signed certificate."""
     if not Path(REGISTRY_BINARY).exists():
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
     base.mkdir(parents=True, exist_ok=True)
@@ -75,25 +105,32 @@ def start_registry(base: Path, users: dict[str, str] | None = None) -> LocalRegi
             pytest.skip("no bcrypt for htpasswd: install python3-bcrypt/bcrypt or apache2-utils")
         (base / "htpasswd").write_text("\n".join(lines) + "\n")  # type: ignore[arg-type]
         auth_yaml = f"auth:\n  htpasswd:\n    realm: berth-test\n    path: {base / 'htpasswd'}\n"
+    certificate = None
+    tls_yaml = ""
+    if tls:
+        certificate, key = self_signed_certificate(base / "tls")
+        tls_yaml = f"  tls:\n    certificate: {certificate}\n    key: {key}\n"
     config = base / "config.yml"
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {base / 'data'}\n  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
+        + tls_yaml
         + auth_yaml
     )
     log_path = base / "registry.log"
     log = open(log_path, "wb")
     process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
     registry = LocalRegistry(f"127.0.0.1:{port}", base / "data", process, log_path,
-                             next(iter(users.items())) if users else None)
+                             next(iter(users.items())) if users else None, certificate)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"docker-registry exited: {log_path.read_text(errors='replace')}")
         try:
-            if httpx.get(f"{registry.url}/v2/", timeout=1).status_code in (200, 401):
+            verify = ssl.create_default_context(cafile=str(certificate)) if certificate else True
+            if httpx.get(f"{registry.url}/v2/", timeout=1, verify=verify).status_code in (200, 401):
                 return registry
         except httpx.HTTPError:
             time.sleep(0.05)
@@ -104,6 +141,13 @@ def start_registry(base: Path, users: dict[str, str] | None = None) -> LocalRegi
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
     reg = start_registry(tmp_path / "registry")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def tls_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    reg = start_registry(tmp_path / "tls-registry", tls=True)
     yield reg
     reg.stop()
 

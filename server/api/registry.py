@@ -12,21 +12,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from registry.credentials import CredentialStore
+from registry.credentials import CredentialStore, berth_home
 from registry.errors import BerthError, InvalidInput
 from registry.library import Library
 from registry.names import ModelName
+from registry.network import NetworkSettings
 from registry.oci import RegistryClient, RegistryUnauthorized
+from registry.ollama_auth import OllamaKeySigner
 from registry.pull import Emit, Event, Puller, SharedDownloads
 from registry.push import Pusher
+from registry.rate import RateLimiter, parse_rate
+from registry.trust import TrustPolicy, UntrustedModel
+from registry.user_key import KeyHolder
 from server.api.body import parse_json
 from server.api.errors import status_for
 
@@ -43,6 +49,8 @@ class PullBody(BaseModel):
     name: str | None = None
     insecure: bool | None = None
     stream: bool | None = None
+    # Berth's addition: a cap for this pull, bytes/s as a number or text such as "50M" (registry/rate.py).
+    max_rate: int | str | None = None
 
     def model_name(self) -> ModelName:
         text = self.model or self.name
@@ -50,9 +58,17 @@ class PullBody(BaseModel):
             raise InvalidInput("model is required")
         return ModelName.parse(text)
 
+    def rate(self) -> int | None:
+        if isinstance(self.max_rate, int):
+            if self.max_rate < 0:
+                raise InvalidInput("max_rate must not be negative")
+            return self.max_rate or None
+        return parse_rate(self.max_rate)
+
 
 class PushBody(PullBody):
     oci: bool | None = None
+    sign: bool | None = None  # Berth's addition: sign the pushed manifest with the server user's key
 
 
 @dataclass
@@ -63,12 +79,19 @@ class RegistryServices:
     downloads: SharedDownloads
     puller: Puller
     pusher: Pusher
+    keys: KeyHolder
 
     @classmethod
-    def build(cls, library: Library) -> "RegistryServices":
-        client = RegistryClient(CredentialStore())
+    def build(cls, library: Library, env: Mapping[str, str] | None = None) -> "RegistryServices":
+        """Proxies, CA bundle and the server-wide rate cap come from the environment, read here once."""
+        env = os.environ if env is None else env
+        network = NetworkSettings.from_env(env)
+        signer = OllamaKeySigner(berth_home(env))
+        client = RegistryClient(CredentialStore(), network=network, signer=signer)
         downloads = SharedDownloads()
-        return cls(client, downloads, Puller(library, client, downloads), Pusher(library, client))
+        rate_limit = RateLimiter(network.max_download_rate) if network.max_download_rate else None
+        puller = Puller(library, client, downloads, rate_limit=rate_limit, trust=TrustPolicy.from_env(env))
+        return cls(client, downloads, puller, Pusher(library, client), signer.keys)
 
 
 _SERVICES_LOCK = threading.Lock()
@@ -122,7 +145,9 @@ def _line(event: Event) -> bytes:
 
 
 def _error_status(exc: BerthError) -> int:
-    return 401 if isinstance(exc, RegistryUnauthorized) else status_for(exc)
+    if isinstance(exc, RegistryUnauthorized):
+        return 401
+    return 403 if isinstance(exc, UntrustedModel) else status_for(exc)
 
 
 async def respond(events: AsyncIterator[Event], stream: bool) -> Response:
@@ -162,7 +187,8 @@ async def pull(request: Request) -> Response:
     body = await parse_json(request, PullBody)
     name = body.model_name()
     puller = services(request).puller
-    return await _run(lambda emit, cancel: puller.pull(name, emit, bool(body.insecure), cancel),
+    rate = body.rate()
+    return await _run(lambda emit, cancel: puller.pull(name, emit, bool(body.insecure), cancel, rate),
                       body.stream is not False)
 
 
@@ -171,9 +197,11 @@ async def push(request: Request) -> Response:
     body = await parse_json(request, PushBody)
     name = body.model_name()
     library = request.app.state.context.library
-    pusher = services(request).pusher
+    registry = services(request)
 
     def work(emit: Emit, cancel: threading.Event) -> object:
-        return pusher.push(library.resolve(str(name)), emit, bool(body.insecure), bool(body.oci), cancel)
+        key = registry.keys.get() if body.sign else None  # created on first use, on the worker thread
+        return registry.pusher.push(library.resolve(str(name)), emit, bool(body.insecure), bool(body.oci), cancel,
+                                    key)
 
     return await _run(work, body.stream is not False)

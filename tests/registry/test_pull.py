@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import threading
@@ -17,19 +18,22 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
 from registry.credentials import Credential, CredentialStore
 from registry.digest import Digest
-from registry.errors import InvalidDigest, TooLarge
+from registry.errors import InvalidDigest, InvalidInput, TooLarge
 from registry.library import Library
 from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER
 from registry.names import ModelName
+from registry.network import NetworkSettings
 from registry.oci import RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, RetryPolicy, Timeouts
 from registry.pull import BlobDigestMismatch, PullCancelled, Puller, SharedDownloads, partial_path
 from registry.push import Pusher
-from tests.registry_fixture import LocalRegistry, make_model, registry  # noqa: F401
+from registry.rate import RateLimiter, parse_rate
+from tests.registry_fixture import LocalRegistry, make_model, registry, tls_registry  # noqa: F401
 
 MiB = 1024 * 1024
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
@@ -439,3 +443,178 @@ def test_retry_after_is_honoured(hostile: HostileRegistry, library: Library, tmp
 def test_missing_manifest_says_so(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
     with pytest.raises(RegistryNotFound, match="pull model manifest: file does not exist"):
         _pull(make_puller(library, tmp_path), _name(hostile))
+
+
+# -- networks people have: rate caps, proxies, a private CA --------------------------------------------
+
+def test_parse_rate() -> None:
+    assert parse_rate("50M") == 50_000_000 and parse_rate("1.5Mi") == int(1.5 * MiB)
+    assert parse_rate("800kB/s") == 800_000 and parse_rate("0") is None and parse_rate("") is None
+    with pytest.raises(InvalidInput):
+        parse_rate("fast")
+
+
+def test_rate_cap_bounds_throughput(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
+    weights = os.urandom(8 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    puller = make_puller(library, tmp_path, chunk=MiB)
+    started = time.monotonic()
+    result = puller.pull(_name(hostile), lambda e: None, insecure=True, max_rate=2_000_000)
+    elapsed = time.monotonic() - started
+    # 8.4 MB at 2 MB/s is 4.2 s less a 0.5 MB burst; four chunk streams share the one bucket.
+    assert elapsed >= 3.0, f"{result.fetched_bytes / elapsed / 1e6:.1f} MB/s despite a 2 MB/s cap"
+    assert library.blobs.path(digest).read_bytes() == weights
+
+
+def test_server_wide_rate_cap_is_shared_by_concurrent_pulls(hostile: HostileRegistry, tmp_path: Path) -> None:
+    weights = os.urandom(3 * MiB)
+    hostile.serve_model(weights)
+    libraries = [Library(tmp_path / f"models-{i}") for i in range(2)]
+    client = make_puller(libraries[0], tmp_path).client
+    cap = RateLimiter(2_000_000)
+    pullers = [Puller(lib, client, chunk_size=MiB, parallel=2, rate_limit=cap) for lib in libraries]
+    started = time.monotonic()
+    threads = [threading.Thread(target=p.pull, args=(_name(hostile), lambda e: None, True)) for p in pullers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # 6.3 MB through one 2 MB/s bucket: about 3 s; two independent caps would take half that.
+    assert time.monotonic() - started >= 2.2
+    assert all(lib.blobs.path(Digest.of_bytes(weights)).exists() for lib in libraries)
+    for lib in libraries:
+        lib.close()
+
+
+class ForwardProxy:
+    """A plain-HTTP forward proxy (absolute-URI requests, no CONNECT) that sends every request to
+    127.0.0.1 on the URL's port, whatever its host name, and remembers what it forwarded."""
+
+    def __init__(self) -> None:
+        seen: list[tuple[str, str]] = []
+        self.seen = seen
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._forward()
+
+            def do_HEAD(self) -> None:
+                self._forward()
+
+            def _forward(self) -> None:
+                target = urlsplit(self.path)
+                seen.append((self.command, self.path))
+                upstream = http.client.HTTPConnection("127.0.0.1", target.port or 80, timeout=10)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")}
+                upstream.request(self.command, target.path + (f"?{target.query}" if target.query else ""),
+                                 headers=headers)
+                answer = upstream.getresponse()
+                body = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", answer.getheader("content-length") or str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                upstream.close()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def forward_proxy() -> Iterator[ForwardProxy]:
+    proxy = ForwardProxy()
+    yield proxy
+    proxy.close()
+
+
+def _client_with(network: NetworkSettings, tmp_path: Path) -> RegistryClient:
+    return RegistryClient(CredentialStore(tmp_path / "creds.json", tmp_path / "docker.json"),
+                          Timeouts(connect=2, read=5), FAST_RETRY, network=network)
+
+
+def test_http_proxy_from_the_environment_carries_the_pull(hostile: HostileRegistry, forward_proxy: ForwardProxy,
+                                                          library: Library, tmp_path: Path) -> None:
+    weights = os.urandom(2 * MiB + 5)
+    digest = Digest.parse(hostile.serve_model(weights))
+    network = NetworkSettings.from_env({"HTTP_PROXY": forward_proxy.url, "NO_PROXY": "internal.example"})
+    # `registry.test` resolves nowhere: only the proxy can have reached the registry.
+    name = ModelName.parse(f"registry.test:{hostile.port}/library/m:latest")
+    with _client_with(network, tmp_path) as client:
+        Puller(library, client, chunk_size=MiB, parallel=2).pull(name, lambda e: None, insecure=True)
+    assert library.blobs.path(digest).read_bytes() == weights
+    urls = [url for _, url in forward_proxy.seen]
+    assert f"http://registry.test:{hostile.port}/v2/library/m/manifests/latest" in urls
+    assert sum(f"/blobs/{digest}" in url for url in urls) == 3  # three 1 MiB ranges
+
+
+def test_loopback_and_no_proxy_hosts_bypass_the_proxy(hostile: HostileRegistry, forward_proxy: ForwardProxy,
+                                                      library: Library, tmp_path: Path) -> None:
+    hostile.serve_model(b"weights")
+    network = NetworkSettings.from_env({"http_proxy": forward_proxy.url, "HTTPS_PROXY": "http://127.0.0.1:9"})
+    with _client_with(network, tmp_path) as client:
+        Puller(library, client).pull(_name(hostile), lambda e: None, insecure=True)
+    assert forward_proxy.seen == []
+    bypass = NetworkSettings.from_env({"HTTP_PROXY": forward_proxy.url, "NO_PROXY": "registry.test"})
+    with _client_with(bypass, tmp_path) as client:
+        with pytest.raises(RegistryError):  # direct, and registry.test does not resolve
+            Puller(library, client).pull(ModelName.parse(f"registry.test:{hostile.port}/library/m:2"),
+                                         lambda e: None, insecure=True)
+    assert forward_proxy.seen == []
+
+
+def test_private_ca_bundle_verifies_a_tls_registry(tls_registry: LocalRegistry, library: Library,
+                                                   tmp_path: Path) -> None:
+    assert tls_registry.tls_certificate is not None
+    name = f"{tls_registry.host}/library/m:latest"
+    weights = os.urandom(300_000)
+    make_model(library, name, weights)
+    trusted = NetworkSettings.from_env({"BERTH_CA_BUNDLE": str(tls_registry.tls_certificate)})
+    with _client_with(trusted, tmp_path) as client:
+        Pusher(library, client).push(ModelName.parse(name), lambda e: None)  # https, verified
+    other = Library(tmp_path / "other")
+    try:
+        with _client_with(NetworkSettings(), tmp_path) as untrusting:
+            with pytest.raises(RegistryError, match="BERTH_CA_BUNDLE"):
+                Puller(other, untrusting).pull(ModelName.parse(name), lambda e: None)
+        assert other.names() == []
+        fallback = NetworkSettings.from_env({"SSL_CERT_FILE": str(tls_registry.tls_certificate)})
+        with _client_with(fallback, tmp_path) as client:
+            Puller(other, client).pull(ModelName.parse(name), lambda e: None)
+        assert other.blobs.path(Digest.of_bytes(weights)).read_bytes() == weights
+    finally:
+        other.close()
+
+
+def test_a_damaged_chunk_of_a_partial_file_is_fetched_again_alone(hostile: HostileRegistry, tmp_path: Path) -> None:
+    weights = os.urandom(6 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.stop_at = 4 * MiB + 17
+    library = Library(tmp_path / "models")
+    with pytest.raises(RegistryError, match="resume"):
+        make_puller(library, tmp_path).pull(_name(hostile), lambda e: None, insecure=True)
+    state = make_puller(library, tmp_path).journal.load(digest)
+    assert state is not None and state.chunks[0].sha256 is not None  # chunk 0 complete, hashed, durable
+    with open(partial_path(library.blobs, digest), "r+b") as partial:  # disk damage between runs
+        partial.seek(1000)
+        partial.write(b"\xff" * 8)
+    hostile.behaviour.stop_at = None
+    kept = sum(c.completed for c in state.chunks.values())
+    result = make_puller(library, tmp_path).pull(_name(hostile), lambda e: None, insecure=True)
+    assert library.blobs.path(digest).read_bytes() == weights
+    assert result.fetched_bytes <= len(weights) - kept + MiB + 1024  # the rest plus the damaged chunk
+    library.close()

@@ -126,3 +126,49 @@ def test_cli_login_push_pull_logout(tmp_path, auth_registry: LocalRegistry) -> N
         assert out.returncode == 0 and berth("logout", auth_registry.host).returncode == 1
     finally:
         server.stop()
+
+
+def test_signed_push_trust_policy_and_rate_cap_through_the_api(tmp_path, registry: LocalRegistry) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from registry.library import Library
+    from registry.user_key import load_or_create_key
+    from tests.conftest import start_server
+    from tests.registry_fixture import make_model
+
+    home = tmp_path / "home"
+    key = load_or_create_key(home)  # the server signs with this key and its policy trusts it
+    policy = {"rules": [{"scope": f"{registry.host}/team", "mode": "enforce", "keys": [key.public_line()]}]}
+    models = tmp_path / "models"
+    library = Library(models)
+    try:
+        for tag in ("unsigned", "signed"):
+            make_model(library, f"{registry.host}/team/m:{tag}", os.urandom(400_000) + tag.encode())
+    finally:
+        library.close()
+    server = start_server(models, tmp_path / "server.log", extra_env={
+        "BERTH_HOME": str(home), "BERTH_NO_DEFAULT_MODEL": "1", "BERTH_TRUST_POLICY": json.dumps(policy)})
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            for tag, sign in (("unsigned", False), ("signed", True)):
+                status, events = _stream(client, "/api/push", {"model": f"{registry.host}/team/m:{tag}",
+                                                               "insecure": True, "sign": sign})
+                assert status == 200 and events[-1] == {"status": "success"}, events
+                assert ({"status": "pushing signature"} in events) == sign
+                assert client.request("DELETE", "/api/delete",
+                                      json={"model": f"{registry.host}/team/m:{tag}"}).status_code == 200
+
+            refused = client.post("/api/pull", json={"model": f"{registry.host}/team/m:unsigned", "insecure": True,
+                                                     "stream": False})
+            assert refused.status_code == 403 and "is not signed" in refused.json()["error"]
+            bad_rate = client.post("/api/pull", json={"model": f"{registry.host}/team/m:signed", "insecure": True,
+                                                      "stream": False, "max_rate": "fast"})
+            assert bad_rate.status_code == 400 and "invalid rate" in bad_rate.json()["error"]
+            status, events = _stream(client, "/api/pull", {"model": f"{registry.host}/team/m:signed",
+                                                           "insecure": True, "max_rate": "50M"})
+            assert status == 200 and events[-1] == {"status": "success"}, events
+            assert {"status": "verifying signature"} in events
+            names = [m["name"] for m in client.get("/api/tags").json()["models"]]
+            assert names == [f"{registry.host}/team/m:signed"]
+    finally:
+        server.stop()
