@@ -39,6 +39,8 @@ class Metrics:
                                  registry=self.registry)
         self.loaded_models = Gauge("berth_loaded_models", "Models loaded in runner processes",
                                    registry=self.registry)
+        self.transfer_bytes = Counter("berth_registry_bytes", "Blob bytes moved by finished pulls and pushes",
+                                      ["direction"], registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,8 +28,8 @@ from registry.names import ModelName
 from registry.network import NetworkSettings
 from registry.oci import RegistryClient, RegistryUnauthorized
 from registry.ollama_auth import OllamaKeySigner
-from registry.pull import Emit, Event, Puller, SharedDownloads
-from registry.push import Pusher
+from registry.pull import Emit, Event, Puller, PullResult, SharedDownloads
+from registry.push import Pusher, PushResult
 from registry.rate import RateLimiter, parse_rate
 from registry.trust import TrustPolicy, UntrustedModel
 from registry.user_key import KeyHolder
@@ -175,9 +175,20 @@ async def respond(events: AsyncIterator[Event], stream: bool) -> Response:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-async def _run(work: Work, stream: bool) -> Response:
+async def _run(work: Work, stream: bool, request: Request, direction: str) -> Response:
+    counter = request.app.state.context.metrics.transfer_bytes.labels(direction)
+
+    def counted(emit: Emit, cancel: threading.Event) -> object:
+        result = work(emit, cancel)
+        # What actually crossed the network: blobs already present, mounted or resumed count nothing.
+        if isinstance(result, PullResult):
+            counter.inc(result.fetched_bytes)
+        elif isinstance(result, PushResult):
+            counter.inc(result.uploaded_bytes)
+        return result
+
     try:
-        return await respond(_events(work), stream)
+        return await respond(_events(counted), stream)
     except BerthError as exc:
         return JSONResponse({"error": exc.message}, status_code=_error_status(exc))
 
@@ -189,7 +200,7 @@ async def pull(request: Request) -> Response:
     puller = services(request).puller
     rate = body.rate()
     return await _run(lambda emit, cancel: puller.pull(name, emit, bool(body.insecure), cancel, rate),
-                      body.stream is not False)
+                      body.stream is not False, request, "pull")
 
 
 @router.post("/api/push")
@@ -204,4 +215,4 @@ async def push(request: Request) -> Response:
         return registry.pusher.push(library.resolve(str(name)), emit, bool(body.insecure), bool(body.oci), cancel,
                                     key)
 
-    return await _run(work, body.stream is not False)
+    return await _run(work, body.stream is not False, request, "push")

@@ -8,6 +8,7 @@ import httpx
 
 from registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer
+from tests.registry_fixture import registry  # noqa: F401
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -40,3 +41,18 @@ def test_request_ids_are_echoed_or_made(http: httpx.Client) -> None:
     assert http.get("/api/version", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
     made = http.get("/api/version").headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{16}", made)
+
+
+def test_registry_bytes_are_counted(fresh_server: BerthServer, registry) -> None:  # type: ignore[no-untyped-def]
+    target = f"{registry.host}/team/gemma:1"
+    with httpx.Client(base_url=fresh_server.url, timeout=300) as http:
+        http.post("/api/copy", json={"source": DEFAULT_MODEL_NAME, "destination": target})
+        manifest_size = sum(m["size"] for m in http.get("/api/tags").json()["models"] if m["name"] == target)
+        assert http.post("/api/push", json={"model": target, "insecure": True, "stream": False}).status_code == 200
+        pushed = sample(http.get("/metrics").text, "berth_registry_bytes_total", direction="push")
+        http.request("DELETE", "/api/delete", json={"model": target})
+        http.request("DELETE", "/api/delete", json={"model": DEFAULT_MODEL_NAME})
+        assert http.post("/api/pull", json={"model": target, "insecure": True, "stream": False}).status_code == 200
+        pulled = sample(http.get("/metrics").text, "berth_registry_bytes_total", direction="pull")
+    # Every blob went up once and came back once.
+    assert pushed == manifest_size and pulled == manifest_size
