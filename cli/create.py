@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import typer
 
 from cli.client import Client, ClientError
@@ -68,7 +67,7 @@ class _CreateClient(Client):
     spend minutes hashing a large file before it answers."""
 
     def __init__(self) -> None:
-        super().__init__(timeout=httpx.Timeout(30.0, read=None, write=None))
+        super().__init__(timeout=None)
 
     def has_blob(self, digest: str) -> bool:
         try:

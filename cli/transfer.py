@@ -9,12 +9,9 @@ registry itself before saving them.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Iterator, TextIO
-
-import httpx
 
 from cli.client import Client, ClientError
 
@@ -23,31 +20,10 @@ READ_TIMEOUT = 600.0
 
 
 def _events(path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    base = Client().address.url
-    try:
-        with httpx.Client(base_url=base, timeout=httpx.Timeout(30.0, read=READ_TIMEOUT)) as http:
-            with http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ClientError(_error_of(response))
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if "error" in event:
-                        raise ClientError(str(event["error"]))
-                    yield event
-    except httpx.ConnectError:
-        raise ClientError(f"could not connect to a Berth server at {base}; start one with `berth serve`") from None
-    except httpx.HTTPError as exc:
-        raise ClientError(f"the connection to the server failed: {exc}") from None
-
-
-def _error_of(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"])
-    except (ValueError, KeyError, TypeError):
-        return f"server answered {response.status_code}"
+    for event in Client(timeout=READ_TIMEOUT).stream_json("POST", path, body):
+        if "error" in event:
+            raise ClientError(str(event["error"]))
+        yield event
 
 
 class PlainProgress:

@@ -46,8 +46,9 @@ GEMMA_TEMPLATE = """{{- $system := "" }}
 {{- end }}
 {{- end }}"""
 
-# Google's recommended sampling for Gemma 3.
-GEMMA_PARAMS = {"stop": ["<end_of_turn>"], "temperature": 1.0, "top_k": 64, "top_p": 0.95}
+# Google's recommended sampling for Gemma 3. This build is the base (pre-trained) model, which
+# rarely ends a turn by itself, so answers are capped at 256 tokens unless a request says otherwise.
+GEMMA_PARAMS = {"stop": ["<end_of_turn>"], "temperature": 1.0, "top_k": 64, "top_p": 0.95, "num_predict": 256}
 
 GEMMA_LICENSE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 
