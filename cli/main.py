@@ -296,13 +296,18 @@ def fsck(repair: bool = typer.Option(False, "--repair", help="Fix what can be fi
 def create(
     name: str = typer.Argument(..., help="Name of the new model."),
     file: Optional[str] = typer.Option(None, "--file", "-f", help="The Modelfile (default ./Modelfile)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", "-q",
+                                           help="Quantize the model (e.g. q4_K_M); not supported yet."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only errors."),
     upload: bool = typer.Option(False, "--upload",
                                 help="Upload the files even when the server runs on this machine (no linking)."),
 ) -> None:
     """Create a model from a Modelfile; local files are uploaded (or linked, for a local server)."""
     from cli.create import create_command
 
+    if quantize:
+        _fail(f"quantizing to {quantize} is not supported yet; create from a GGUF that is already quantized "
+              "(for example Q4_K_M)")
     _run(lambda: create_command(name, file, quiet, upload=upload))
 
 
@@ -431,6 +436,17 @@ def keys_revoke(name: str = typer.Argument(..., help="Name of the key.")) -> Non
         typer.echo(f"revoked key '{name}'")
 
     _run(action)
+
+
+@app.command("help")
+def help_command(ctx: typer.Context, command: Optional[str] = typer.Argument(None, help="A command.")) -> None:
+    """Help about any command."""
+    root = ctx.parent.command if ctx.parent else ctx.command
+    target = root.get_command(ctx.parent, command) if command and hasattr(root, "get_command") else root
+    if target is None:
+        _fail(f"unknown command {command!r}; `berth help` lists them")
+    with typer.Context(target, info_name=f"berth {command}" if command else "berth") as help_ctx:
+        typer.echo(target.get_help(help_ctx))
 
 
 def main() -> None:

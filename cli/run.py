@@ -33,6 +33,7 @@ Use \"\"\" to begin a multi-line message.
 SET_HELP = """Available Commands:
   /set parameter ...     Set a parameter
   /set system <string>   Set system message
+  /set template <string> Set prompt template
   /set history           Enable history
   /set nohistory         Disable history
   /set wordwrap          Enable wordwrap
@@ -107,6 +108,7 @@ class Session:
     verbose: bool = False
     history: bool = True
     keepalive: str | None = None
+    template: str | None = None
 
 
 def format_duration(ns: int) -> str:
@@ -321,6 +323,8 @@ class Repl:
             body["format"] = session.format
         if session.keepalive:
             body["keep_alive"] = session.keepalive
+        if session.template is not None:
+            body["template"] = session.template
         wrapper = WordWrapper(self.out, _width() if session.wordwrap else None)
         answer: list[str] = []
         final: dict[str, Any] = {}
@@ -407,22 +411,25 @@ class Repl:
                 self.out.write("Invalid or missing format. For 'json' mode use '/set format json'\n")
         elif what == "parameter":
             self._set_parameter(args[1:])
-        elif what == "system":
-            text = line.split("system", 1)[1].strip()
-            if text.startswith('"""'):
-                text = text[3:]
-                if text.endswith('"""'):
-                    text = text[:-3]
-                else:
-                    more: list[str] = [text]
-                    while not (nxt := input("... ")).rstrip().endswith('"""'):
-                        more.append(nxt)
-                    more.append(nxt.rstrip()[:-3])
-                    text = "\n".join(more)
-            session.system = text.strip()
-            self.out.write("Set system message.\n")
+        elif what in ("system", "template"):
+            text = self._long_value(line.split(what, 1)[1].strip())
+            setattr(session, what, text)
+            self.out.write("Set system message.\n" if what == "system" else "Set prompt template.\n")
         else:
             self.out.write(f"Unknown command '/set {what}'. Type /? for help\n")
+
+    def _long_value(self, text: str) -> str:
+        """A value given inline, or as \"\"\"-quoted text that may go on over several lines."""
+        if not text.startswith('"""'):
+            return text
+        text = text[3:]
+        if text.endswith('"""'):
+            return text[:-3].strip()
+        lines = [text]
+        while not (more := input("... ")).rstrip().endswith('"""'):
+            lines.append(more)
+        lines.append(more.rstrip()[:-3])
+        return "\n".join(lines).strip()
 
     def _set_parameter(self, args: list[str]) -> None:
         from registry.errors import InvalidInput
@@ -453,8 +460,9 @@ class Repl:
             self.out.write(show_summary(info))
         elif what in ("license", "modelfile", "template", "system"):
             value = info.get(what) or ""
-            if what == "system" and self.session.system is not None:
-                value = self.session.system
+            override = getattr(self.session, what, None) if what in ("system", "template") else None
+            if override is not None:
+                value = override
             self.out.write((value or f"No {what} was specified for this model.") + "\n")
         elif what == "parameters":
             from registry.options import format_parameters
@@ -487,6 +495,8 @@ class Repl:
         body: dict[str, Any] = {"model": args[0], "from": self.session.model, "stream": False}
         if self.session.system is not None:
             body["system"] = self.session.system
+        if self.session.template is not None:
+            body["template"] = self.session.template
         if self.session.options:
             body["parameters"] = self.session.options
         if self.session.messages:

@@ -7,6 +7,7 @@ options, prompts and statistics is decided here, so it can be tested without a s
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 import logging
 import math
@@ -234,6 +235,8 @@ class ChatInput:
     keep_alive: float | None = None
     truncate: bool = True
     think: bool | str | None = None
+    # Berth's addition (the REPL's `/set template`): a template for this request only.
+    template: str | None = None
 
 
 THINK_LEVELS = ("low", "medium", "high", "max")
@@ -327,6 +330,8 @@ class Generation:
         started = time.perf_counter_ns()
         fmt = check_format(request.format)
         resolved = self.inference.resolve(request.model)
+        if request.template is not None:
+            resolved = dataclasses.replace(resolved, view=dataclasses.replace(resolved.view, template=request.template))
         think = check_think(request.think, resolved)
         if request.tools and "tools" not in tool_calls.capabilities_from_template(resolved.template):
             raise InvalidInput(f"{resolved.view.stored.name} does not support tools")

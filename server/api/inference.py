@@ -91,6 +91,7 @@ class ChatBody(_Request):
     format: Any = None
     truncate: bool | None = None
     think: bool | str | None = None
+    template: str | None = None
 
 
 class EmbedBody(_Request):
@@ -218,6 +219,7 @@ async def chat(request: Request) -> Response:
         keep_alive=_keep_alive(body, context),
         truncate=body.truncate is not False,
         think=body.think,
+        template=body.template,
     )
     return await respond(Generation(context.inference).chat(job), body.stream is not False, "message")
 

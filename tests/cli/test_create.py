@@ -126,7 +126,7 @@ def test_upload_sends_only_the_blobs_the_server_lacks(server: BerthServer, http:
 
 def test_the_default_modelfile_and_quiet(server: BerthServer, http: httpx.Client, tmp_path: Path) -> None:
     (tmp_path / "Modelfile").write_text(f"FROM {DEFAULT_MODEL_NAME}\nSYSTEM quiet one\n")
-    result = in_folder(tmp_path, "create", PREFIX + "quiet", "-q", env=server.env())
+    result = in_folder(tmp_path, "create", PREFIX + "quiet", "--quiet", env=server.env())
     assert result.stdout == "" and result.stderr == ""
     assert http.post("/api/show", json={"model": PREFIX + "quiet"}).json()["system"] == "quiet one"
 

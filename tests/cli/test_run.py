@@ -113,6 +113,31 @@ def test_repl_chat_and_multiline(server: BerthServer, short_model: str) -> None:
     assert child.exitstatus == 0
 
 
+def test_repl_template_and_save(server: BerthServer, short_model: str) -> None:
+    import httpx
+
+    child = spawn_repl(server, short_model)
+    child.sendline('/set template """<start_of_turn>user')
+    child.expect_exact("... ")
+    child.sendline('{{ .Prompt }}<end_of_turn>"""')
+    child.expect_exact("Set prompt template.")
+    child.sendline("/show template")
+    child.expect_exact("{{ .Prompt }}<end_of_turn>")
+    child.sendline('/set system """Answer in French."""')
+    child.expect_exact("Set system message.")
+    child.sendline("Bonjour")
+    child.expect_exact(">>> ")
+    child.sendline("/save saved-session:1")
+    child.expect_exact("Created new model 'saved-session:1'")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    shown = httpx.post(server.url + "/api/show", json={"model": "saved-session:1"}).json()
+    assert shown["system"] == "Answer in French."
+    assert shown["template"] == "<start_of_turn>user\n{{ .Prompt }}<end_of_turn>"
+    assert [m["role"] for m in shown["messages"]] == ["user", "assistant"]
+    assert "num_predict" in shown["parameters"]
+
+
 def test_ctrl_c_cancels_the_answer_not_the_session(server: BerthServer, short_model: str) -> None:
     child = spawn_repl(server, "long:1")
     child.sendline("Tell me a very long story.")
