@@ -55,9 +55,11 @@ class _Output:
         if not self.bars:
             yield lambda advance: None
             return
-        from rich.progress import BarColumn, DownloadColumn, Progress as Bars, TextColumn, TransferSpeedColumn
+        from rich.progress import (BarColumn, DownloadColumn, Progress as Bars, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
 
-        with Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bars:
+        with Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn()) as bars:
             task = bars.add_task(description, total=total)
             yield lambda advance: bars.update(task, advance=advance)
 
