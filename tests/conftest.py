@@ -15,6 +15,9 @@ from typing import Iterator
 import httpx
 import pytest
 
+# The local OCI registry fixtures (registry, auth_registry, tls_registry) for every test module.
+pytest_plugins = ["tests.registry_fixture"]
+
 BIN_DIR = Path(sys.executable).parent
 
 

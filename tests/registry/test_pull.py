@@ -33,7 +33,7 @@ from registry.oci import RegistryClient, RegistryError, RegistryNotFound, Regist
 from registry.pull import BlobDigestMismatch, PullCancelled, Puller, SharedDownloads, partial_path
 from registry.push import Pusher
 from registry.rate import RateLimiter, parse_rate
-from tests.registry_fixture import LocalRegistry, make_model, registry, tls_registry  # noqa: F401
+from tests.registry_fixture import LocalRegistry, make_model
 
 MiB = 1024 * 1024
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)

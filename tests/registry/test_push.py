@@ -18,7 +18,7 @@ from registry.names import ModelName
 from registry.oci import RegistryClient, RegistryUnauthorized, Timeouts, RetryPolicy
 from registry.pull import Puller
 from registry.push import Pusher, parse_range_end
-from tests.registry_fixture import LocalRegistry, auth_registry, make_model, registry  # noqa: F401
+from tests.registry_fixture import LocalRegistry, make_model
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 

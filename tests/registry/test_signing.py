@@ -34,7 +34,7 @@ from registry.push import Pusher
 from registry.signing import SIGNATURE_TYPE, Signatures, key_id, payload_for, signature_tag
 from registry.trust import TrustMode, TrustPolicy, UntrustedModel
 from registry.user_key import UserKey, load_or_create_key
-from tests.registry_fixture import LocalRegistry, make_model, registry  # noqa: F401
+from tests.registry_fixture import LocalRegistry, make_model
 
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.05)
 

@@ -8,7 +8,6 @@ import httpx
 
 from registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer
-from tests.registry_fixture import registry  # noqa: F401
 
 
 def sample(text: str, name: str, **labels: str) -> float:

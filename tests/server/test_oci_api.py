@@ -11,7 +11,6 @@ import pytest
 
 from registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer, berth_executable
-from tests.registry_fixture import registry  # noqa: F401
 
 REPO = "library/gemma3"
 

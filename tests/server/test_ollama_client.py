@@ -16,7 +16,7 @@ import pytest
 
 from registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer
-from tests.registry_fixture import LocalRegistry, registry  # noqa: F401
+from tests.registry_fixture import LocalRegistry
 
 MODEL = DEFAULT_MODEL_NAME
 GREEDY = {"temperature": 0, "seed": 7, "num_predict": 8}

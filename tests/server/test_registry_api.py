@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import BerthServer, fresh_server  # noqa: F401
-from tests.registry_fixture import LocalRegistry, auth_registry, registry  # noqa: F401
+from tests.conftest import BerthServer
+from tests.registry_fixture import LocalRegistry
 
 
 def _stream(client: httpx.Client, path: str, body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
