@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from server.runner import InputError, _split_at_stop
+from server.runner import InputError, SamplingOptions, _split_at_stop
 
 log = logging.getLogger("berth.batch_engine")
 
@@ -42,41 +42,6 @@ ErrorCallback = Callable[[Exception], None]
 
 class EngineError(RuntimeError):
     """llama.cpp failed while decoding a batch (the sequences in it are ended with this error)."""
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """The per-request options the engine reads, with the same defaults as `_Runner.generate`."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repeat_last_n: int = 64
-    seed: int = -1
-    num_predict: int = -1
-    stop: tuple[str, ...] = ()
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "SamplingOptions":
-        return cls(
-            temperature=float(options.get("temperature", 0.8)),
-            top_k=int(options.get("top_k", 40)),
-            top_p=float(options.get("top_p", 0.9)),
-            min_p=float(options.get("min_p", 0.0)),
-            typical_p=float(options.get("typical_p", 1.0)),
-            repeat_penalty=float(options.get("repeat_penalty", 1.0)),
-            frequency_penalty=float(options.get("frequency_penalty", 0.0)),
-            presence_penalty=float(options.get("presence_penalty", 0.0)),
-            repeat_last_n=int(options.get("repeat_last_n", 64)),
-            seed=int(options.get("seed", -1)),
-            num_predict=int(options.get("num_predict", -1)),
-            stop=tuple(s for s in options.get("stop", ()) or () if s),
-        )
 
 
 @dataclass

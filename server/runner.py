@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Mapping
 
 
 class InputError(ValueError):
@@ -46,6 +46,41 @@ class LoadSpec:
     num_thread: int = 0
     # > 0: serve generations through the continuous-batching engine with this many slots.
     batch_slots: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """A request's sampling options with Ollama's defaults, read the same by both generation paths."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repeat_last_n: int = 64
+    seed: int = -1
+    num_predict: int = -1
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "SamplingOptions":
+        return cls(
+            temperature=float(options.get("temperature", 0.8)),
+            top_k=int(options.get("top_k", 40)),
+            top_p=float(options.get("top_p", 0.9)),
+            min_p=float(options.get("min_p", 0.0)),
+            typical_p=float(options.get("typical_p", 1.0)),
+            repeat_penalty=float(options.get("repeat_penalty", 1.0)),
+            frequency_penalty=float(options.get("frequency_penalty", 0.0)),
+            presence_penalty=float(options.get("presence_penalty", 0.0)),
+            repeat_last_n=int(options.get("repeat_last_n", 64)),
+            seed=int(options.get("seed", -1)),
+            num_predict=int(options.get("num_predict", -1)),
+            stop=tuple(s for s in options.get("stop", ()) or () if s),
+        )
 
 
 @dataclass
@@ -222,11 +257,11 @@ class _Runner:
                 "raise num_ctx or shorten the prompt"
             )
         grammar = self.grammar_for(message.get("format"))
-        seed = int(opts.get("seed", -1))
-        llm.set_seed(seed if seed >= 0 else random.randint(0, 2**31 - 1))
-        num_predict = int(opts.get("num_predict", -1))
-        stops: list[str] = [s for s in opts.get("stop", ()) if s]
-        repeat_last_n = int(opts.get("repeat_last_n", 64))
+        sampling = SamplingOptions.from_options(opts)
+        llm.set_seed(sampling.seed if sampling.seed >= 0 else random.randint(0, 2**31 - 1))
+        num_predict = sampling.num_predict
+        stops = list(sampling.stop)
+        repeat_last_n = sampling.repeat_last_n
         llm.last_n_tokens_size = n_ctx if repeat_last_n < 0 else repeat_last_n  # type: ignore[attr-defined]
 
         eog = llm._model.token_eos()  # noqa: SLF001
@@ -240,14 +275,14 @@ class _Runner:
         reason = "stop"
         generator = llm.generate(
             tokens,
-            top_k=int(opts.get("top_k", 40)),
-            top_p=float(opts.get("top_p", 0.9)),
-            min_p=float(opts.get("min_p", 0.0)),
-            typical_p=float(opts.get("typical_p", 1.0)),
-            temp=float(opts.get("temperature", 0.8)),
-            repeat_penalty=float(opts.get("repeat_penalty", 1.0)),
-            frequency_penalty=float(opts.get("frequency_penalty", 0.0)),
-            presence_penalty=float(opts.get("presence_penalty", 0.0)),
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            typical_p=sampling.typical_p,
+            temp=sampling.temperature,
+            repeat_penalty=sampling.repeat_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
             grammar=grammar,
             reset=True,
         )
