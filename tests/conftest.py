@@ -10,13 +10,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import httpx
 import pytest
 
 # The local OCI registry fixtures (registry, auth_registry, tls_registry) for every test module.
 pytest_plugins = ["tests.registry_fixture"]
+
+if TYPE_CHECKING:
+    from registry.library import Library
 
 BIN_DIR = Path(sys.executable).parent
 
@@ -103,6 +106,16 @@ def fresh_server(tmp_path: Path) -> Iterator[BerthServer]:
     srv = start_server(tmp_path / "models", tmp_path / "server.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Iterator["Library"]:
+    """A catalog and blob store of the test's own."""
+    from registry.library import Library
+
+    lib = Library(tmp_path / "models")
+    yield lib
+    lib.close()
 
 
 @pytest.fixture

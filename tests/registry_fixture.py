@@ -7,7 +7,6 @@ from Python's `bcrypt` if installed, else `htpasswd` from apache2-utils). Nothin
 from __future__ import annotations
 
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -18,13 +17,9 @@ from typing import TYPE_CHECKING, Iterator
 import httpx
 import pytest
 
+from tests.conftest import free_port
+
 REGISTRY_BINARY = "/usr/bin/docker-registry"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def htpasswd_line(user: str, password: str) -> str | None:
@@ -97,7 +92,7 @@ def start_registry(base: Path, users: dict[str, str] | None = None, tls: bool = 
     if not Path(REGISTRY_BINARY).exists():
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
     base.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     auth_yaml = ""
     if users:
         lines = [htpasswd_line(u, p) for u, p in users.items()]

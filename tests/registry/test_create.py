@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -46,13 +46,6 @@ from tests.registry.test_gguf import F16, build, kv_str, tensor, valid_file_byte
 def lora_bytes(architecture: str) -> bytes:
     kvs = [kv_str("general.architecture", architecture), kv_str("general.type", "adapter")]
     return build(kvs, [tensor("blk.0.attn_q.weight.lora_a", [64, 8], F16, 0)], 64 * 8 * 2)
-
-
-@pytest.fixture
-def library(tmp_path: Path) -> Iterator[Library]:
-    lib = Library(tmp_path / "models")
-    yield lib
-    lib.close()
 
 
 @pytest.fixture

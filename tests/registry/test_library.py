@@ -20,13 +20,6 @@ from registry.manifest import DOCKER_CONFIG, MODEL_LAYER, SYSTEM_LAYER, Descript
 from registry.names import ModelName
 
 
-@pytest.fixture
-def library(tmp_path: Path) -> Library:
-    lib = Library(tmp_path / "models")
-    yield lib
-    lib.close()
-
-
 def make_model(library: Library, name: str, weights: bytes, system: str | None = None) -> Manifest:
     stored = library.blobs.write_bytes(weights)
     builder = ModelBuilder(library)

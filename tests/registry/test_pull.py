@@ -189,13 +189,6 @@ def hostile() -> Iterator[HostileRegistry]:
     server.close()
 
 
-@pytest.fixture
-def library(tmp_path: Path) -> Iterator[Library]:
-    lib = Library(tmp_path / "models")
-    yield lib
-    lib.close()
-
-
 def make_puller(library: Library, tmp_path: Path, *, read_timeout: float = 5.0, chunk: int = MiB,
                 credentials: dict[str, Credential] | None = None) -> Puller:
     store = CredentialStore(tmp_path / "creds.json", tmp_path / "docker.json")

@@ -24,13 +24,6 @@ FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 
 
 @pytest.fixture
-def library(tmp_path: Path) -> Iterator[Library]:
-    lib = Library(tmp_path / "models")
-    yield lib
-    lib.close()
-
-
-@pytest.fixture
 def client(tmp_path: Path) -> Iterator[RegistryClient]:
     with RegistryClient(CredentialStore(tmp_path / "creds.json", tmp_path / "docker.json"),
                         Timeouts(read=10), FAST_RETRY) as c:

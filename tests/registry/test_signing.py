@@ -201,13 +201,6 @@ def test_unknown_key_and_unsigned_requests_are_refused(ollama_registry: OllamaSt
 
 # -- signed models ---------------------------------------------------------------------------------------
 
-@pytest.fixture
-def library(tmp_path: Path) -> Iterator[Library]:
-    lib = Library(tmp_path / "models")
-    yield lib
-    lib.close()
-
-
 def _plain_client(tmp_path: Path) -> RegistryClient:
     return _client(tmp_path, None)
 
