@@ -41,7 +41,7 @@ from registry.digest import Digest
 from registry.errors import BlobNotFound, InvalidInput, TooLarge
 from server import template as templates
 from server.api.body import parse_json
-from server.api.inference import respond
+from server.api.ndjson import respond
 from server.context import AppContext
 
 router = APIRouter()

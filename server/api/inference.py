@@ -7,18 +7,18 @@ answers once with the whole response.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from registry.errors import BerthError, InvalidInput
+from registry.errors import InvalidInput
 from server import prompt as prompts
 from server.api.body import parse_json
+from server.api.ndjson import respond
 from server.durations import parse_keep_alive
 from server.inference import ChatInput, GenerateInput, Generation, decode_images, normalize
 from server.context import AppContext
@@ -110,65 +110,6 @@ def _context(request: Request) -> AppContext:
 
 def _keep_alive(body: _Request, context: AppContext) -> float | None:
     return None if body.keep_alive is None else parse_keep_alive(body.keep_alive, context.settings.keep_alive)
-
-
-async def respond(chunks: AsyncIterator[dict[str, Any]], stream: bool, merge_key: str) -> Response:
-    """Stream NDJSON, or collect into one object by concatenating `merge_key` text."""
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        return JSONResponse({"error": "no response from the model"}, status_code=500)
-    if not stream:
-        return JSONResponse(await _collect(first, chunks, merge_key))
-
-    async def lines() -> AsyncIterator[bytes]:
-        yield _line(first)
-        try:
-            async for chunk in chunks:
-                yield _line(chunk)
-        except BerthError as exc:
-            yield _line({"error": exc.message})
-        except Exception as exc:  # noqa: BLE001 - the status is sent; report in-band
-            log.exception("error while streaming")
-            yield _line({"error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            await chunks.aclose()
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
-
-
-def _line(chunk: dict[str, Any]) -> bytes:
-    return (json.dumps(chunk, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
-
-
-async def _collect(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], merge_key: str) -> dict[str, Any]:
-    text: list[str] = []
-    calls: list[Any] = []
-    last = first
-    async for chunk in _chain(first, chunks):
-        last = chunk
-        if merge_key == "message":
-            message = chunk.get("message", {})
-            text.append(message.get("content", ""))
-            calls.extend(message.get("tool_calls", []))
-        else:
-            text.append(chunk.get(merge_key, ""))
-    result = dict(last)
-    if merge_key == "message":
-        message = dict(result.get("message", {"role": "assistant"}))
-        message["content"] = "".join(text)
-        if calls:
-            message["tool_calls"] = calls
-        result["message"] = message
-    else:
-        result[merge_key] = "".join(text)
-    return result
-
-
-async def _chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    yield first
-    async for item in rest:
-        yield item
 
 
 @router.post("/api/generate")

@@ -10,15 +10,13 @@ download stops only when nobody waits for it any more; its partial file stays fo
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from registry.credentials import CredentialStore, berth_home
@@ -34,9 +32,9 @@ from registry.rate import RateLimiter, parse_rate
 from registry.trust import TrustPolicy, UntrustedModel
 from registry.user_key import KeyHolder
 from server.api.body import parse_json
+from server.api.ndjson import respond
 from server.api.errors import status_for
 
-log = logging.getLogger("berth.api")
 router = APIRouter()
 
 Work = Callable[[Emit, threading.Event], object]
@@ -140,39 +138,10 @@ async def _events(work: Work) -> AsyncIterator[Event]:
         cancel.set()
 
 
-def _line(event: Event) -> bytes:
-    return (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
-
-
 def _error_status(exc: BerthError) -> int:
     if isinstance(exc, RegistryUnauthorized):
         return 401
     return 403 if isinstance(exc, UntrustedModel) else status_for(exc)
-
-
-async def respond(events: AsyncIterator[Event], stream: bool) -> Response:
-    """NDJSON stream, or the last event alone; errors before any output get a real status."""
-    if not stream:
-        last: Event | None = None
-        async for event in events:
-            last = event
-        return JSONResponse(last or {"status": "success"})
-    first = await anext(events)
-
-    async def lines() -> AsyncIterator[bytes]:
-        yield _line(first)
-        try:
-            async for event in events:
-                yield _line(event)
-        except BerthError as exc:
-            yield _line({"error": exc.message})
-        except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band
-            log.exception("error during a registry transfer")
-            yield _line({"error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 async def _run(work: Work, stream: bool, request: Request, direction: str) -> Response:

@@ -1,0 +1,84 @@
+"""Ollama's streaming convention, shared by every streaming endpoint.
+
+NDJSON by default; an error before the first line gets its proper status and `{"error": ...}`
+(the caller's exception handler does that, since nothing was sent); an error after it becomes a
+final `{"error": ...}` line; `stream: false` answers once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, AsyncIterator
+
+from fastapi import Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from registry.errors import BerthError
+
+log = logging.getLogger("berth.api")
+
+
+async def respond(chunks: AsyncIterator[dict[str, Any]], stream: bool, merge_key: str | None = None) -> Response:
+    """Stream NDJSON; or, for `stream: false`, answer once: with the text of `merge_key`
+    concatenated over all chunks (generate, chat), or with the last chunk (pull, push, create)."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        return JSONResponse({"error": "the operation ended without any output"}, status_code=500)
+    if not stream:
+        if merge_key is None:
+            last = first
+            async for last in chunks:
+                pass
+            return JSONResponse(last)
+        return JSONResponse(await _collect(first, chunks, merge_key))
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield _line(first)
+        try:
+            async for chunk in chunks:
+                yield _line(chunk)
+        except BerthError as exc:
+            yield _line({"error": exc.message})
+        except Exception as exc:  # noqa: BLE001 - the status is sent; report in-band
+            log.exception("error while streaming")
+            yield _line({"error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            await chunks.aclose()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _line(chunk: dict[str, Any]) -> bytes:
+    return (json.dumps(chunk, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+async def _collect(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], merge_key: str) -> dict[str, Any]:
+    text: list[str] = []
+    calls: list[Any] = []
+    last = first
+    async for chunk in _chain(first, chunks):
+        last = chunk
+        if merge_key == "message":
+            message = chunk.get("message", {})
+            text.append(message.get("content", ""))
+            calls.extend(message.get("tool_calls", []))
+        else:
+            text.append(chunk.get(merge_key, ""))
+    result = dict(last)
+    if merge_key == "message":
+        message = dict(result.get("message", {"role": "assistant"}))
+        message["content"] = "".join(text)
+        if calls:
+            message["tool_calls"] = calls
+        result["message"] = message
+    else:
+        result[merge_key] = "".join(text)
+    return result
+
+
+async def _chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for item in rest:
+        yield item
