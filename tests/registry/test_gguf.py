@@ -702,10 +702,12 @@ def test_isolated_hostile_file(write: Callable[[bytes], Path]) -> None:
 
 
 def test_isolated_timeout(write: Callable[[bytes], Path]) -> None:
-    path = write(valid_file_bytes())
+    # A forked inspector can answer a tiny file within a millisecond, so give it 8 MiB to read
+    # and a microsecond to answer in.
+    path = write(build([kv_str("k", "x" * (8 << 20))], [], 0))
     started = time.perf_counter()
-    with pytest.raises(InvalidGGUF, match=r"^invalid GGUF: inspection failed: no answer within 0.001 s$"):
-        inspect_isolated(path, timeout=0.001)
+    with pytest.raises(InvalidGGUF, match=r"^invalid GGUF: inspection failed: no answer within 1e-06 s$"):
+        inspect_isolated(path, timeout=1e-6)
     assert time.perf_counter() - started < 5
 
 
