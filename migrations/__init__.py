@@ -4,4 +4,4 @@
 already current; tests/registry/test_library.py checks it against Alembic's own view.
 """
 
-HEAD = "0003"
+HEAD = "0004"

@@ -6,16 +6,16 @@ Sequence and progress statuses follow Ollama (spec/ollama-registry.md §4): `pul
 
 * The manifest is asked for in both Docker v2 and OCI form, bounded to 4 MiB, kept byte for byte,
   and every digest in it is validated (`Manifest.parse`) before any path or URL is built from it.
-* A missing blob is fetched as fixed-size chunks over parallel `Range` requests into
-  `blobs/sha256-<hex>-partial` (not a blob name, so nothing can mistake it for a finished blob).
-  Chunk threads pwrite what arrives (gathered into 1 MiB writes) and every 4 MiB fdatasync it and
-  only then record it in the catalog (registry/catalog/downloads.py): the catalog never claims a
-  byte a crash could lose, and since data is flushed as it arrives the closing fsync is short (it
-  used to be most of a pull's time). Each chunk thread hashes its chunk's bytes in memory as they
-  arrive (the hash is recorded with the chunk's last checkpoint); one more thread hashes the whole
-  blob in order, following the bytes as they land, so the digest is known when the last byte lands:
-  no second pass over the file. A killed pull resumes: the durable chunks are re-hashed once (each
-  checked against its recorded hash; a damaged one is fetched again) and only the rest is fetched.
+* A missing blob is fetched over parallel `Range` requests into `blobs/sha256-<hex>-partial` (not
+  a blob name, so nothing can mistake it for a finished blob). It is cut into fixed-size chunks, the
+  unit of resume: each stream claims a run of consecutive chunks and fetches it with one request,
+  read in large pieces straight from the connection (`raw_body`), and takes each chunk's crc32 from
+  the bytes in memory. One thread hashes the whole blob in order, following the bytes as they land,
+  so the digest is known when the last byte lands: no second pass over the file. Another makes the
+  landed bytes durable (fdatasync) every few MiB and only then records them in the catalog
+  (registry/catalog/downloads.py), so the catalog never claims a byte a crash could lose, and no
+  stream waits on the disk. A killed pull resumes: the durable chunks are re-read once (each checked
+  against its recorded checksum, a damaged one fetched again) and only the rest is fetched.
 * Rate caps (registry/rate.py) are token buckets shared by all chunk threads.
 * A blob whose bytes do not match is deleted with its partial state and the pull fails; the tag is
   committed (one transaction, `Library.tag`) only after every blob is in the store, verified.
@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import ssl
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
 
+import httpcore
 import httpx
 
 from registry.blobstore import BlobStore
@@ -52,12 +56,15 @@ from registry.trust import TrustMode, TrustPolicy, UntrustedModel, decide
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
 
-DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # the unit of resume and of the per-chunk checksum
 DEFAULT_PARALLEL = 4
-# A chunk's landed bytes are made durable (fdatasync) and recorded in the catalog this often, so a
-# kill loses at most this much per stream, and the final fsync finds almost nothing left to write.
-CHECKPOINT_BYTES = 4 * 1024 * 1024
-WRITE_SIZE = 1024 * 1024
+# A stream asks for up to this many consecutive chunks in one request: fewer requests (and TLS
+# handshakes, since a directly read connection is not reused) without losing resume precision.
+RUN_CHUNKS = 8
+# Landed bytes are made durable (fdatasync) and recorded in the catalog whenever this many have
+# landed since the last time, on a thread of their own: a kill loses at most about this much.
+CHECKPOINT_BYTES = 16 * 1024 * 1024
+READ_SIZE = 1024 * 1024
 HASH_READ = 4 * 1024 * 1024
 PROGRESS_INTERVAL = 0.1
 PARTIAL_SUFFIX = "-partial"
@@ -110,10 +117,12 @@ class ChunkPlan:
 class BlobFetch:
     """Downloads one blob into its partial file and publishes it into the store once verified.
 
-    Three kinds of state per chunk, each moving forward only: bytes *landed* (written to the page
-    cache, shown as progress and followed by the hasher), bytes *durable* (fdatasync'd; the only
-    figure the catalog ever records, so a resume never trusts bytes a crash could have lost), and
-    the chunk's sha256 once the in-order hasher has passed it.
+    Per chunk, state moves forward only: bytes *landed* (written to the page cache, shown as
+    progress and followed by the hasher), bytes *durable* (covered by an fdatasync; the only figure
+    the catalog records, so a resume never trusts bytes a crash could have lost) and, once whole,
+    the chunk's checksum. Stream threads claim runs of consecutive chunks (one request each), the
+    hashing thread follows the bytes in order, and a checkpoint thread makes them durable in the
+    background, so no stream ever waits on the disk.
     """
 
     def __init__(self, client: RegistryClient, repo: Repository, desc: Descriptor, store: BlobStore,
@@ -133,11 +142,15 @@ class BlobFetch:
         self._cond = threading.Condition()
         self._landed: list[int] = []
         self._durable: list[int] = []
-        self._chunk_sha: dict[int, str] = {}
+        self._claimed: list[bool] = []
+        self._checksums: dict[int, str] = {}  # whole chunks landed in this run
+        self._crc: dict[int, int] = {}  # running crc32 of a chunk being landed; only its stream touches it
+        self._unsynced = 0
         self._hashing = -1  # the chunk the hasher waits on: only its writer needs to wake it
         self._failure: BaseException | None = None
-        # Serialises catalog writes so a slower writer cannot overwrite a newer figure with an older one.
-        self._journal_lock = threading.Lock()
+        self._stopping = False
+        # Serialises checkpoints, so an older snapshot can never overwrite a newer one in the catalog.
+        self._checkpoint_lock = threading.Lock()
 
     @property
     def completed(self) -> int:
@@ -147,33 +160,43 @@ class BlobFetch:
     def run(self) -> None:
         digest = self.desc.digest
         path = partial_path(self.store, digest)
-        plan, hashes = self._prepare(path)
+        plan, recorded = self._prepare(path)
         fd = os.open(path, os.O_RDWR)
+        checkpointer = threading.Thread(target=self._checkpoint_loop, args=(fd,), daemon=True,
+                                        name=f"pull-sync-{digest.short}")
+        checkpointer.start()
         try:
-            with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pull-chunk") as pool:
-                futures: dict[int, Future[None]] = {}
-                for idx in range(plan.count):
-                    if self._landed[idx] < self._length(plan, idx):
-                        futures[idx] = pool.submit(self._fetch_chunk_guarded, fd, plan, idx)
-                try:
-                    actual = self._hash_in_order(fd, plan, hashes, pool, futures)
-                except BaseException:
-                    self.cancel.set()  # stop the other chunks; what is durable stays for a resume
-                    raise
-            if actual != digest:
+            actual = self._download(fd, plan, recorded)
+        except BaseException:
+            try:
+                self._stop_checkpoints(checkpointer)
+                self._checkpoint(fd)  # what landed is made durable and recorded, so a resume skips it
+            finally:
                 os.close(fd)
-                fd = -1
-                self._discard(path)
-                raise BlobDigestMismatch(digest, actual, self.repo.host)
-            # Every chunk was fdatasync'd as it completed, so this only settles the inode.
-            os.fsync(fd)
+            raise
+        self._stop_checkpoints(checkpointer)
+        if actual != digest:
+            os.close(fd)
+            self._discard(path)
+            raise BlobDigestMismatch(digest, actual, self.repo.host)
+        try:
+            os.fsync(fd)  # the checkpoints already flushed most of it
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
         os.chmod(path, 0o644)
         os.replace(path, self.store.path(digest))
         self.store.sync_dir()
         self.journal.forget(digest)
+
+    def _download(self, fd: int, plan: ChunkPlan, recorded: dict[int, str]) -> Digest:
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pull-stream") as pool:
+            for _ in range(self.parallel):
+                pool.submit(self._stream_guarded, fd, plan)
+            try:
+                return self._hash_in_order(fd, plan, recorded, pool)
+            except BaseException:
+                self.cancel.set()  # stop the streams; what landed is checkpointed by run()
+                raise
 
     # -- preparation ----------------------------------------------------------------------------
 
@@ -185,16 +208,17 @@ class BlobFetch:
             plan = ChunkPlan(size, state.chunk_size)
             self._landed = [min(state.chunks[i].completed, self._length(plan, i)) if i in state.chunks else 0
                             for i in range(plan.count)]
-            self._durable = list(self._landed)
-            hashes = {i: c.sha256 for i, c in state.chunks.items() if c.sha256}
-            return plan, hashes
-        plan = ChunkPlan(size, self.chunk_size)
-        self.journal.start(digest, size, plan.chunk_size)
-        with open(path, "wb") as handle:
-            handle.truncate(size)
-        self._landed = [0] * plan.count
-        self._durable = [0] * plan.count
-        return plan, {}
+            recorded = {i: c.checksum for i, c in state.chunks.items() if c.checksum}
+        else:
+            plan = ChunkPlan(size, self.chunk_size)
+            self.journal.start(digest, size, plan.chunk_size)
+            with open(path, "wb") as handle:
+                handle.truncate(size)
+            self._landed = [0] * plan.count
+            recorded = {}
+        self._durable = list(self._landed)
+        self._claimed = [False] * plan.count
+        return plan, recorded
 
     @staticmethod
     def _length(plan: ChunkPlan, idx: int) -> int:
@@ -207,63 +231,87 @@ class BlobFetch:
 
     # -- durability --------------------------------------------------------------------------------
 
-    def _make_durable(self, fd: int, idx: int) -> None:
-        """fdatasync what has landed of chunk `idx`, then (and only then) record it in the catalog."""
-        with self._cond:
-            landed = self._landed[idx]
-            if landed <= self._durable[idx]:
-                return
-        os.fdatasync(fd)
-        with self._cond:
-            self._durable[idx] = max(self._durable[idx], landed)
-        self._checkpoint(idx)
-
-    def _checkpoint(self, idx: int) -> None:
-        with self._journal_lock:
+    def _checkpoint_loop(self, fd: int) -> None:
+        """Make landed bytes durable every CHECKPOINT_BYTES, off the streams' threads."""
+        while True:
             with self._cond:
-                durable, sha = self._durable[idx], self._chunk_sha.get(idx)
-            self.journal.record(self.desc.digest, idx, durable, sha)
+                while self._unsynced < CHECKPOINT_BYTES and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self._checkpoint(fd)
+            except OSError as exc:  # a full or failing disk: the pull cannot go on
+                with self._cond:
+                    if self._failure is None:
+                        self._failure = BerthError(f"saving the download of {self.desc.digest} failed: {exc}")
+                    self._cond.notify_all()
+                return
+
+    def _stop_checkpoints(self, checkpointer: threading.Thread) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        checkpointer.join()
+
+    def _checkpoint(self, fd: int) -> None:
+        """fdatasync what has landed, then (and only then) record it in the catalog."""
+        with self._checkpoint_lock:
+            with self._cond:
+                landed = list(self._landed)
+                checksums = dict(self._checksums)
+                self._unsynced = 0
+            changed = {idx: (count, checksums.get(idx)) for idx, count in enumerate(landed)
+                       if count > self._durable[idx]}
+            if not changed:
+                return
+            os.fdatasync(fd)
+            with self._cond:
+                for idx, (count, _) in changed.items():
+                    self._durable[idx] = max(self._durable[idx], count)
+            self.journal.record(self.desc.digest, changed)
 
     def _restart_chunk(self, idx: int) -> None:
-        """Forget a chunk whose bytes on disk no longer match its recorded hash."""
-        with self._journal_lock:
+        """Forget a chunk whose bytes on disk no longer match its recorded checksum."""
+        with self._checkpoint_lock:
             with self._cond:
                 self._landed[idx] = self._durable[idx] = 0
-                self._chunk_sha.pop(idx, None)
-            self.journal.record(self.desc.digest, idx, 0)
+                self._claimed[idx] = False
+                self._checksums.pop(idx, None)
+                self._crc.pop(idx, None)
+            self.journal.reset(self.desc.digest, idx)
 
     # -- hashing ---------------------------------------------------------------------------------
 
-    def _hash_in_order(self, fd: int, plan: ChunkPlan, recorded: dict[int, str], pool: ThreadPoolExecutor,
-                       futures: dict[int, Future[None]]) -> Digest:
-        """Feed bytes to the blob's hash in order as they land (one pass, overlapped with the download).
+    def _hash_in_order(self, fd: int, plan: ChunkPlan, recorded: dict[int, str], pool: ThreadPoolExecutor) -> Digest:
+        """Feed bytes to the blob's sha256 in order as they land (one pass, overlapped with the download).
 
-        Chunk hashes are computed by the chunk threads as bytes arrive (in parallel, on other cores);
-        this thread computes one only to check a chunk an earlier run recorded."""
+        Chunk checksums are computed by the stream threads from the bytes in memory; this thread
+        computes one only to check a chunk an earlier run recorded."""
         whole = hashlib.sha256()
         for idx in range(plan.count):
             while idx in recorded:
-                chunk_hash = hashlib.sha256()
+                check = ChunkCheck.of(recorded.pop(idx))
                 candidate = whole.copy()
-                self._hash_range(fd, plan, idx, (chunk_hash, candidate))
-                if chunk_hash.hexdigest() == recorded.pop(idx):
+                self._hash_range(fd, plan, idx, (check, candidate))
+                if check.matches():
                     whole = candidate
                     break
-                # The bytes on disk changed since they were hashed (disk damage, tampering): fetch again.
+                # The bytes on disk changed since they were checked (disk damage, tampering): fetch again.
                 self._restart_chunk(idx)
-                futures[idx] = pool.submit(self._fetch_chunk_guarded, fd, plan, idx)
+                pool.submit(self._stream_guarded, fd, plan)
             else:
                 self._hash_range(fd, plan, idx, (whole,))
         return Digest(whole.hexdigest())
 
-    def _hash_range(self, fd: int, plan: ChunkPlan, idx: int, hashes: tuple["hashlib._Hash", ...]) -> None:
+    def _hash_range(self, fd: int, plan: ChunkPlan, idx: int, hashes: tuple["Hasher", ...]) -> None:
         start, end = plan.bounds(idx)
         offset = start
         while offset < end:
             landed_end = start + self._wait_for_bytes(idx, offset - start)
             while offset < landed_end:
                 # Just written, so this reads from the page cache, not the disk; sha256 releases
-                # the GIL on large updates, so this thread hashes while the others download.
+                # the GIL on large updates, so this thread hashes while the streams download.
                 data = os.pread(fd, min(HASH_READ, landed_end - offset), offset)
                 if not data:
                     raise BerthError(f"partial file of {self.desc.digest} is shorter than expected; pull again")
@@ -285,62 +333,89 @@ class BlobFetch:
 
     # -- fetching --------------------------------------------------------------------------------
 
-    def _fetch_chunk_guarded(self, fd: int, plan: ChunkPlan, idx: int) -> None:
+    def _stream_guarded(self, fd: int, plan: ChunkPlan) -> None:
+        """One stream: claims runs of chunks and fetches each with one request, until none is left."""
         try:
-            self._fetch_chunk(fd, plan, idx)
+            while (run := self._claim(plan)) is not None:
+                self._fetch_run(fd, plan, *run)
         except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread, which raises it
             with self._cond:
                 if self._failure is None and not isinstance(exc, PullCancelled):
                     self._failure = exc
                 self._cond.notify_all()
 
-    def _fetch_chunk(self, fd: int, plan: ChunkPlan, idx: int) -> None:
-        start, end = plan.bounds(idx)
+    def _claim(self, plan: ChunkPlan) -> tuple[int, int] | None:
+        """Claim the first unfinished chunks, [first, stop): at most RUN_CHUNKS, and few enough that
+        every stream gets a share of what is left (so all of them stay busy to the end)."""
+        with self._cond:
+            pending = [i for i in range(plan.count) if not self._claimed[i] and self._landed[i] < self._length(plan, i)]
+            if not pending:
+                return None
+            share = max(1, min(RUN_CHUNKS, -(-len(pending) // self.parallel)))
+            first = stop = pending[0]
+            while stop < plan.count and stop - first < share and not self._claimed[stop] \
+                    and self._landed[stop] < self._length(plan, stop):
+                self._claimed[stop] = True
+                stop += 1
+            return first, stop
+
+    def _fetch_run(self, fd: int, plan: ChunkPlan, first: int, stop: int) -> None:
+        for idx in range(first, stop):
+            if self._landed_of(idx) and idx not in self._crc:
+                self._crc[idx] = self._seed_crc(fd, plan, idx)  # a resume mid-chunk
+        end = plan.bounds(stop - 1)[1]
         url = self.repo.blob_url(self.desc.digest)
         scope = self.repo.scope("pull")
+        buffer = bytearray(READ_SIZE)  # received into directly, reused for the whole run
         failures = 0
         last_error = ""
-        chunk_hash = self._seed_chunk_hash(fd, start, self._landed_of(idx))
         while True:
-            done = self._landed_of(idx)
-            if start + done >= end:
+            offset = self._resume_point(plan, first, stop)
+            if offset >= end:
                 return
             if self.cancel.is_set():
                 raise PullCancelled("pull cancelled")
-            before = done
             try:
-                self._stream_range(fd, url, scope, idx, start, end, done, chunk_hash)
+                self._stream_range(fd, plan, url, scope, offset, end, buffer)
             except (RegistryRefused, RegistryUnauthorized):
                 raise  # retrying cannot help, and must not (a refusal is a security decision)
             except (httpx.TransportError, RegistryError) as exc:
                 last_error = describe(exc) if isinstance(exc, httpx.TransportError) else str(exc)
-            done = self._landed_of(idx)
-            if start + done >= end:
+            reached = self._resume_point(plan, first, stop)
+            if reached >= end:
                 return
             # A connection that delivered bytes before dropping is not a failure: resume at once.
-            failures = 0 if done > before else failures + 1
+            failures = 0 if reached > offset else failures + 1
             if failures >= self.client.retry.attempts:
                 raise RegistryError(
-                    f"downloading {self.desc.digest} from {self.repo.host} stopped at byte {start + done} of "
+                    f"downloading {self.desc.digest} from {self.repo.host} stopped at byte {reached} of "
                     f"{self.total} after {failures} attempts without progress ({last_error or 'body ended early'});"
                     " run the pull again to resume from there")
             time.sleep(self.client.retry.backoff(failures - 1) if failures else 0)
 
-    def _seed_chunk_hash(self, fd: int, start: int, done: int) -> "hashlib._Hash":
-        """A chunk's running hash, fed the bytes an earlier run left of it (a resume mid-chunk)."""
-        chunk_hash = hashlib.sha256()
-        offset = start
-        while offset < start + done:
-            data = os.pread(fd, min(HASH_READ, start + done - offset), offset)
+    def _resume_point(self, plan: ChunkPlan, first: int, stop: int) -> int:
+        """The first byte of chunks [first, stop) not landed yet (they land in order)."""
+        with self._cond:
+            for idx in range(first, stop):
+                if self._landed[idx] < self._length(plan, idx):
+                    return plan.bounds(idx)[0] + self._landed[idx]
+        return plan.bounds(stop - 1)[1]
+
+    def _seed_crc(self, fd: int, plan: ChunkPlan, idx: int) -> int:
+        """A chunk's running crc32, fed the bytes an earlier run left of it."""
+        start = plan.bounds(idx)[0]
+        end = start + self._landed_of(idx)
+        crc, offset = 0, start
+        while offset < end:
+            data = os.pread(fd, min(HASH_READ, end - offset), offset)
             if not data:
                 raise BerthError(f"partial file of {self.desc.digest} is shorter than expected; pull again")
-            chunk_hash.update(data)
+            crc = zlib.crc32(data, crc)
             offset += len(data)
-        return chunk_hash
+        return crc
 
-    def _stream_range(self, fd: int, url: str, scope: str, idx: int, start: int, end: int, done: int,
-                      chunk_hash: "hashlib._Hash") -> None:
-        offset = start + done
+    def _stream_range(self, fd: int, plan: ChunkPlan, url: str, scope: str, offset: int, end: int,
+                      buffer: bytearray) -> None:
         headers = {"Range": f"bytes={offset}-{end - 1}", "Accept-Encoding": "identity"}
         with self.client.stream("GET", url, self.repo, scope, headers=headers, ok=(200, 206)) as response:
             if response.status_code == 200 and offset != 0:
@@ -350,68 +425,133 @@ class BlobFetch:
                 served = response.headers.get("content-range", "")
                 if not served.startswith(f"bytes {offset}-"):
                     raise RegistryError(f"{self.repo.host} answered range {served!r} for bytes={offset}-")
-            try:
-                self._copy_body(fd, response, idx, start, end, offset, chunk_hash)
-            finally:
-                # Whatever landed is made durable and recorded even when the attempt dies, so a
-                # resume skips it.
-                self._make_durable(fd, idx)
+            # Raw bytes: no content decoding, so a compressed body cannot expand (a gzip bomb is
+            # just wrong bytes, caught by the digest).
+            for data in raw_body(response, self.client.timeouts.read, buffer):
+                if self.cancel.is_set():
+                    raise PullCancelled("pull cancelled")
+                offset = self._land(fd, plan, offset, end, data)
+                if offset >= end:
+                    return
 
     def _landed_of(self, idx: int) -> int:
         with self._cond:
             return self._landed[idx]
 
-    def _copy_body(self, fd: int, response: httpx.Response, idx: int, start: int, end: int, offset: int,
-                   chunk_hash: "hashlib._Hash") -> None:
-        # Body pieces arrive as 64 KiB reads; they are gathered into WRITE_SIZE writes because every
-        # pwrite, lock and wake-up is a GIL hand-off, and with several streams plus the hasher
-        # those hand-offs, not the disk, were what limited throughput. The buffer is written out in
-        # `finally`, so bytes that arrived before a dropped connection are kept for the retry.
-        buffer = bytearray()
-        unsynced = 0
-        try:
-            # Raw bytes: no content decoding, so a compressed body cannot expand (a gzip bomb is
-            # just wrong bytes, caught by the digest).
-            for data in response.iter_raw():
-                if self.cancel.is_set():
-                    raise PullCancelled("pull cancelled")
-                take = min(len(data), end - offset - len(buffer))
-                if take <= 0:
-                    break
-                buffer += memoryview(data)[:take]
-                if len(buffer) < WRITE_SIZE and offset + len(buffer) < end:
-                    continue
-                offset = self._land(fd, idx, start, end, offset, buffer, chunk_hash)
-                unsynced += len(buffer)
-                buffer.clear()
-                if unsynced >= CHECKPOINT_BYTES or offset >= end:
-                    self._make_durable(fd, idx)
-                    unsynced = 0
-                if offset >= end:
-                    break
-        finally:
-            if buffer:
-                self._land(fd, idx, start, end, offset, buffer, chunk_hash)
-
-    def _land(self, fd: int, idx: int, start: int, end: int, offset: int, data: bytearray,
-              chunk_hash: "hashlib._Hash") -> int:
+    def _land(self, fd: int, plan: ChunkPlan, offset: int, end: int, data: bytes | memoryview) -> int:
         """Write received bytes at `offset`, publish them as landed, pay the rate caps; new offset.
 
-        The chunk's hash is taken from these bytes in memory, on this thread: the in-order hasher
-        then has only the blob's digest to compute, and chunk threads hash in parallel."""
-        _pwrite_all(fd, memoryview(data), offset)
-        chunk_hash.update(data)
-        offset += len(data)
+        Each chunk's checksum is taken from these bytes in memory, on this thread, so the hashing
+        thread has only the blob's sha256 to compute."""
+        piece = memoryview(data)[:end - offset]
+        _pwrite_all(fd, piece, offset)
+        position, stop = offset, offset + len(piece)
+        wake = False
+        while position < stop:
+            idx = position // plan.chunk_size
+            start, chunk_end = plan.bounds(idx)
+            upto = min(chunk_end, stop)
+            crc = self._crc[idx] = zlib.crc32(piece[position - offset:upto - offset], self._crc.get(idx, 0))
+            with self._cond:
+                self._landed[idx] = upto - start
+                if upto == chunk_end:
+                    self._checksums[idx] = f"crc32:{crc:08x}"
+                wake = wake or self._hashing == idx
+            position = upto
         with self._cond:
-            if offset >= end:
-                self._chunk_sha[idx] = chunk_hash.hexdigest()  # recorded with the chunk's last checkpoint
-            self._landed[idx] = offset - start
-            self.fetched += len(data)
-            if self._hashing == idx:
+            self.fetched += len(piece)
+            self._unsynced += len(piece)
+            if wake or self._unsynced >= CHECKPOINT_BYTES:
                 self._cond.notify_all()
         for limiter in self.limiters:
-            limiter.consume(len(data), self.cancel.is_set)
-        return offset
+            limiter.consume(len(piece), self.cancel.is_set)
+        return stop
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+@dataclass
+class ChunkCheck:
+    """Recomputes a recorded chunk checksum ("crc32:<8hex>", or "sha256:<hex>" from older rows)."""
+
+    expected: str
+    algorithm: str
+    crc: int = 0
+    sha: "hashlib._Hash | None" = None
+
+    @classmethod
+    def of(cls, recorded: str) -> "ChunkCheck":
+        algorithm, _, _ = recorded.partition(":")
+        return cls(recorded, algorithm, sha=hashlib.sha256() if algorithm == "sha256" else None)
+
+    def update(self, data: bytes, /) -> None:
+        if self.sha is not None:
+            self.sha.update(data)
+        else:
+            self.crc = zlib.crc32(data, self.crc)
+
+    def matches(self) -> bool:
+        if self.algorithm == "crc32":
+            return self.expected == f"crc32:{self.crc:08x}"
+        if self.sha is not None:
+            return self.expected == f"sha256:{self.sha.hexdigest()}"
+        return False  # a checksum this version does not know: fetch the chunk again
+
+
+def raw_body(response: httpx.Response, read_timeout: float | None, buffer: bytearray) -> Iterator[bytes | memoryview]:
+    """A streamed response's raw bytes, in pieces of up to len(buffer); a piece is only valid until
+    the next one is asked for (it may be a view of `buffer`, which is reused).
+
+    httpx hands a body over in 64 KiB pieces, each through h11's buffer and a new bytes object; at
+    loopback and LAN speeds that bookkeeping, not the network, was what limited a pull. For a plain
+    HTTP/1.1 body with a Content-Length, the first piece h11 hands over is everything it buffered
+    past the headers (its length reader empties its buffer), so the rest is read from the connection
+    directly into `buffer`. The connection is then closed rather than reused, since h11 never saw
+    the end of the body. Anything else (chunked bodies, other protocols) goes through httpx as usual."""
+    pieces = response.iter_raw()
+    stream = response.extensions.get("network_stream")
+    length = response.headers.get("content-length", "")
+    if (stream is None or response.http_version != "HTTP/1.1" or not length.isdigit()
+            or "transfer-encoding" in response.headers):
+        yield from pieces
+        return
+    left = int(length)
+    first = next(pieces, b"")
+    left -= len(first)
+    if first:
+        yield first
+    sock = _direct_socket(stream)
+    view = memoryview(buffer)
+    while left > 0:
+        want = min(len(buffer), left)
+        try:
+            if sock is not None:
+                sock.settimeout(read_timeout)
+                data: bytes | memoryview = view[:sock.recv_into(view, want)]
+            else:
+                data = stream.read(want, read_timeout)
+        except (socket.timeout, httpcore.TimeoutException) as exc:
+            raise httpx.ReadTimeout(str(exc) or "timed out", request=response.request) from None
+        except (OSError, httpcore.NetworkError) as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=response.request) from None
+        if not data:
+            raise httpx.RemoteProtocolError(f"the connection closed {left} bytes before the end of the body",
+                                            request=response.request)
+        left -= len(data)
+        yield data
+
+
+def _direct_socket(stream: Any) -> socket.socket | None:
+    """The socket the body can be read from straight into a buffer: a plain or TLS socket whose
+    bytes are the body; not the outer socket of TLS tunnelled in TLS (whose bytes are still sealed)."""
+    sock = stream.get_extra_info("socket")
+    if isinstance(sock, ssl.SSLSocket):
+        return sock
+    if isinstance(sock, socket.socket) and stream.get_extra_info("ssl_object") is None:
+        return sock
+    return None
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -522,10 +662,8 @@ class Puller:
         self._check_trust(repo, manifest, emit)
         limiters = tuple(limit for limit in (self.rate_limit, RateLimiter(max_rate) if max_rate else None)
                          if limit is not None)
-        fetched = 0
         with self.library.pinned([desc.digest for desc in manifest.blobs()]):
-            for desc in manifest.blobs():
-                fetched += self._ensure_blob(repo, desc, emit, cancel, limiters)
+            fetched = self._ensure_blobs(repo, manifest.blobs(), emit, cancel, limiters)
             # Each blob was hashed as it landed; this status is kept for clients that wait for it.
             emit(progress("verifying sha256 digest"))
             emit(progress("writing manifest"))
@@ -546,31 +684,49 @@ class Puller:
                                  "enforces signatures here); nothing was downloaded or tagged")
         emit(progress(f"warning: {decision.message}"))
 
-    def _ensure_blob(self, repo: Repository, desc: Descriptor, emit: Emit, cancel: threading.Event,
-                     limiters: tuple[RateLimiter, ...] = ()) -> int:
-        status = f"pulling {desc.digest.short}"
+    def _ensure_blobs(self, repo: Repository, blobs: list[Descriptor], emit: Emit, cancel: threading.Event,
+                      limiters: tuple[RateLimiter, ...] = ()) -> int:
+        """Fetch every missing blob at once (small ones finish while the weights stream) and report
+        each one's progress as Ollama does, `pulling <12hex>` with total and completed; bytes fetched."""
         store = self.library.blobs
-        if store.exists(desc.digest):
-            size = store.size(desc.digest)
-            emit(progress(status, desc.digest, size, size))
-            return 0
-        shared = self.downloads.join(desc.digest, lambda: BlobFetch(
-            self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel, limiters))
+        waiting: dict[Digest, tuple[Descriptor, _Shared]] = {}
         try:
-            last = -1
-            while not shared.done.wait(PROGRESS_INTERVAL):
-                if cancel.is_set():
-                    raise PullCancelled("pull cancelled; run it again to resume")
-                completed = shared.fetch.completed
-                if completed != last:
-                    emit(progress(status, desc.digest, desc.size, completed))
-                    last = completed
-            if shared.error is not None:
-                raise shared.error
-            emit(progress(status, desc.digest, desc.size, desc.size))
-            return shared.fetch.fetched
+            for desc in blobs:
+                if store.exists(desc.digest):
+                    size = store.size(desc.digest)
+                    emit(progress(f"pulling {desc.digest.short}", desc.digest, size, size))
+                elif desc.digest not in waiting:
+                    waiting[desc.digest] = desc, self.downloads.join(desc.digest, lambda desc=desc: BlobFetch(
+                        self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel, limiters))
+                    emit(progress(f"pulling {desc.digest.short}", desc.digest, desc.size, 0))
+            return self._follow(waiting, emit, cancel)
         finally:
-            self.downloads.leave(shared)
+            for _, shared in waiting.values():
+                self.downloads.leave(shared)
+
+    @staticmethod
+    def _follow(waiting: dict[Digest, tuple[Descriptor, _Shared]], emit: Emit, cancel: threading.Event) -> int:
+        """Report progress until every blob is in; the first failure (of any blob) ends the pull."""
+        reported: dict[Digest, int] = {}
+        pending = list(waiting.values())
+        fetched = 0
+        while pending:
+            pending[0][1].done.wait(PROGRESS_INTERVAL)
+            if cancel.is_set():
+                raise PullCancelled("pull cancelled; run it again to resume")
+            for desc, shared in list(pending):
+                if shared.done.is_set():
+                    if shared.error is not None:
+                        raise shared.error
+                    emit(progress(f"pulling {desc.digest.short}", desc.digest, desc.size, desc.size))
+                    fetched += shared.fetch.fetched
+                    pending.remove((desc, shared))
+                    continue
+                completed = shared.fetch.completed
+                if completed != reported.get(desc.digest, 0):
+                    emit(progress(f"pulling {desc.digest.short}", desc.digest, desc.size, completed))
+                    reported[desc.digest] = completed
+        return fetched
 
 
 __all__ = ["BlobFetch", "DOCKER_MANIFEST", "PullCancelled", "PullResult", "Puller", "SharedDownloads",

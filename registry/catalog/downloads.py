@@ -1,10 +1,12 @@
-"""Partial downloads in the catalog: which chunks of a blob being pulled have landed and been hashed.
+"""Partial downloads in the catalog: which chunks of a blob being pulled are durably on disk.
 
 A pull writes a blob into `blobs/sha256-<hex>-partial` in fixed-size chunks. Each chunk's row
-records how many of its bytes are on disk (`completed`, saved as they land) and, once the in-order
-hasher has passed it, its own sha256. After a crash the next pull re-reads only those chunks,
-checks each against its recorded hash while rebuilding the blob's running digest, and fetches the
-rest from the first byte not on disk: resumable, and no byte is trusted without being hashed.
+records how many of its bytes are durable (`completed`, only ever a figure an fdatasync covered)
+and, once the chunk is whole, its checksum ("crc32:<8hex>"; "sha256:<hex>" from older rows). After
+a crash the next pull re-reads only those chunks, checks each against its checksum while rebuilding
+the blob's sha256, and fetches the rest from the first byte not on disk. The checksum only catches
+bytes changed on disk between runs; the blob's sha256 is what proves them, so nothing unproven is
+ever committed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class PartialDownloadRow(Base):
 
 
 class PartialChunkRow(Base):
-    """One chunk of a partial download: bytes on disk, and its sha256 once hashed in order."""
+    """One chunk of a partial download: durable bytes, and its checksum once whole."""
 
     __tablename__ = "partial_chunks"
 
@@ -41,13 +43,13 @@ class PartialChunkRow(Base):
         String(71), ForeignKey("partial_downloads.digest", ondelete="CASCADE"), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     completed: Mapped[int] = mapped_column(Integer, nullable=False)
-    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    checksum: Mapped[str | None] = mapped_column(String(80), nullable=True)
 
 
 @dataclass
 class ChunkState:
     completed: int
-    sha256: str | None
+    checksum: str | None
 
 
 @dataclass
@@ -69,7 +71,7 @@ class DownloadJournal:
             if row is None:
                 return None
             chunks = session.execute(
-                select(PartialChunkRow.idx, PartialChunkRow.completed, PartialChunkRow.sha256)
+                select(PartialChunkRow.idx, PartialChunkRow.completed, PartialChunkRow.checksum)
                 .where(PartialChunkRow.digest == str(digest))).all()
             return PartialState(row.size, row.chunk_size, {i: ChunkState(c, h) for i, c, h in chunks})
 
@@ -81,16 +83,25 @@ class DownloadJournal:
             session.add(PartialDownloadRow(digest=str(digest), size=size, chunk_size=chunk_size,
                                            started_at=datetime.now(timezone.utc)))
 
-    def record(self, digest: Digest, idx: int, completed: int, sha256: str | None = None) -> None:
-        # An upsert: chunk workers and the hashing thread write the same row from different threads.
-        statement = sqlite_insert(PartialChunkRow).values(digest=str(digest), idx=idx, completed=completed,
-                                                          sha256=sha256)
+    def record(self, digest: Digest, chunks: dict[int, tuple[int, str | None]]) -> None:
+        """Save `{idx: (completed, checksum or None)}` in one transaction; a None keeps the old checksum."""
+        if not chunks:
+            return
+        rows = [{"digest": str(digest), "idx": idx, "completed": completed, "checksum": checksum}
+                for idx, (completed, checksum) in chunks.items()]
+        statement = sqlite_insert(PartialChunkRow)
         statement = statement.on_conflict_do_update(
             index_elements=[PartialChunkRow.digest, PartialChunkRow.idx],
             set_={"completed": statement.excluded.completed,
-                  "sha256": func.coalesce(statement.excluded.sha256, PartialChunkRow.sha256)})
+                  "checksum": func.coalesce(statement.excluded.checksum, PartialChunkRow.checksum)})
         with self._library.session() as session:
-            session.execute(statement)
+            session.execute(statement, rows)
+
+    def reset(self, digest: Digest, idx: int) -> None:
+        """Forget what was recorded of chunk `idx` (its bytes on disk failed their checksum)."""
+        with self._library.session() as session:
+            session.execute(delete(PartialChunkRow).where(PartialChunkRow.digest == str(digest),
+                                                          PartialChunkRow.idx == idx))
 
     def forget(self, digest: Digest) -> None:
         with self._library.session() as session:

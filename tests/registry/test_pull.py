@@ -552,7 +552,7 @@ def test_http_proxy_from_the_environment_carries_the_pull(hostile: HostileRegist
     assert library.blobs.path(digest).read_bytes() == weights
     urls = [url for _, url in forward_proxy.seen]
     assert f"http://registry.test:{hostile.port}/v2/library/m/manifests/latest" in urls
-    assert sum(f"/blobs/{digest}" in url for url in urls) == 3  # three 1 MiB ranges
+    assert sum(f"/blobs/{digest}" in url for url in urls) == 2  # two streams: runs of 2 and 1 chunks
 
 
 def test_loopback_and_no_proxy_hosts_bypass_the_proxy(hostile: HostileRegistry, forward_proxy: ForwardProxy,
@@ -601,7 +601,7 @@ def test_a_damaged_chunk_of_a_partial_file_is_fetched_again_alone(hostile: Hosti
     with pytest.raises(RegistryError, match="resume"):
         make_puller(library, tmp_path).pull(_name(hostile), lambda e: None, insecure=True)
     state = make_puller(library, tmp_path).journal.load(digest)
-    assert state is not None and state.chunks[0].sha256 is not None  # chunk 0 complete, hashed, durable
+    assert state is not None and state.chunks[0].checksum is not None  # chunk 0 whole, checksummed, durable
     with open(partial_path(library.blobs, digest), "r+b") as partial:  # disk damage between runs
         partial.seek(1000)
         partial.write(b"\xff" * 8)
@@ -610,4 +610,42 @@ def test_a_damaged_chunk_of_a_partial_file_is_fetched_again_alone(hostile: Hosti
     result = make_puller(library, tmp_path).pull(_name(hostile), lambda e: None, insecure=True)
     assert library.blobs.path(digest).read_bytes() == weights
     assert result.fetched_bytes <= len(weights) - kept + MiB + 1024  # the rest plus the damaged chunk
+    library.close()
+
+
+def test_a_partial_download_recorded_before_checksums_were_named_still_resumes(hostile: HostileRegistry,
+                                                                                tmp_path: Path) -> None:
+    """Catalog revision 0003 kept a bare sha256 per chunk; 0004 names it, and a resume still checks it."""
+    from alembic import command
+
+    from registry.catalog import database
+
+    weights = os.urandom(3 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    models = tmp_path / "models"
+    engine = database.open_engine(models)
+    config = database.alembic_config(str(engine.url))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0003")
+    blobs = models / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    partial = blobs / f"{digest.filename}-partial"
+    partial.write_bytes(weights[:2 * MiB] + b"\0" * MiB)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO partial_downloads VALUES (?, ?, ?, '2026-11-26 00:00:00')",
+                                   (str(digest), len(weights), MiB))
+        connection.exec_driver_sql("INSERT INTO partial_chunks VALUES (?, 0, ?, ?)",
+                                   (str(digest), MiB, hashlib.sha256(weights[:MiB]).hexdigest()))
+        connection.exec_driver_sql("INSERT INTO partial_chunks VALUES (?, 1, ?, ?)",  # damaged since
+                                   (str(digest), MiB, hashlib.sha256(b"x").hexdigest()))
+    engine.dispose()
+
+    library = Library(models)  # upgrades the catalog to the head revision
+    puller = make_puller(library, tmp_path)
+    state = puller.journal.load(digest)
+    assert state is not None and state.chunks[0].checksum == f"sha256:{hashlib.sha256(weights[:MiB]).hexdigest()}"
+    result = puller.pull(_name(hostile), lambda e: None, insecure=True)
+    assert library.blobs.path(digest).read_bytes() == weights
+    assert result.fetched_bytes <= 2 * MiB + 1024  # chunk 0 kept; chunk 1 (wrong check) and 2 fetched
     library.close()
