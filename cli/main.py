@@ -340,7 +340,10 @@ def push(
     model: str = typer.Argument(..., help="Model to push; its name says the registry and repository."),
     insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),
     oci: bool = typer.Option(False, "--oci", help="Push an OCI image manifest (for skopeo, oras, Harbor)."),
-    sign: bool = typer.Option(False, "--sign", help="Sign the pushed manifest with your key (see `berth key`)."),
+    sign: Optional[bool] = typer.Option(
+        None, "--sign/--no-sign",
+        help="Sign the pushed manifest (with BERTH_SIGNING_KEY, else your key: see `berth key`). "
+             "Default: sign when the server has BERTH_SIGNING_KEY set."),
 ) -> None:
     """Push a model to a registry."""
     from cli import transfer
@@ -358,14 +361,18 @@ def key() -> None:
 
 @app.command()
 def verify(
-    model: str = typer.Argument(..., help="Remote model to check, e.g. registry.example.com/team/model:tag."),
+    model: str = typer.Argument(..., help="Model to check, e.g. registry.example.com/team/model:tag."),
     insecure: bool = typer.Option(False, "--insecure", help="Use plain http for this registry."),
     key: list[str] = typer.Option([], "--key", help="Trusted public key (ssh-ed25519 line or PEM file); repeatable."),
+    remote: bool = typer.Option(False, "--remote", help="Check the registry's manifest even if the model is local."),
 ) -> None:
-    """Check that a remote model is signed by a trusted key (BERTH_TRUST_POLICY's keys plus --key)."""
+    """Check that a model is signed by a trusted key (BERTH_TRUST_POLICY's keys plus --key).
+
+    A model the server has is checked as stored (the signatures must sign its local manifest);
+    otherwise the manifest the registry serves."""
     from cli import transfer
 
-    _run(lambda: typer.echo(transfer.verify(model, insecure, key)))
+    _run(lambda: typer.echo(transfer.verify(model, insecure, key, remote)))
 
 
 @app.command()

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 from cli.client import Client, ClientError
+
+if TYPE_CHECKING:
+    from registry.names import ModelName
 
 # Transfers of big models take long; the server sends progress at least every few seconds.
 READ_TIMEOUT = 600.0
@@ -31,14 +34,15 @@ class PlainProgress:
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.last = ""
+        self.seen: set[str] = set()
 
     def update(self, event: dict[str, Any]) -> None:
+        # Layers are fetched at once, so their statuses interleave; each is printed the first time.
         status = event.get("status", "")
-        if status != self.last:
+        if status not in self.seen:
             self.out.write(status + "\n")
             self.out.flush()
-            self.last = status
+            self.seen.add(status)
 
     def close(self) -> None:
         pass
@@ -90,9 +94,13 @@ def pull(model: str, insecure: bool = False, max_rate: str | None = None) -> Non
     _show("/api/pull", body, "pull")
 
 
-def push(model: str, insecure: bool = False, oci: bool = False, sign: bool = False) -> None:
-    """`sign`: the server signs the pushed manifest with its user's key (registry/signing.py)."""
-    _show("/api/push", {"model": model, "insecure": insecure, "oci": oci, "sign": sign, "stream": True}, "push")
+def push(model: str, insecure: bool = False, oci: bool = False, sign: bool | None = None) -> None:
+    """`sign`: the server signs the pushed manifest (registry/signing.py); None leaves it to the
+    server's BERTH_SIGNING_KEY setting."""
+    body: dict[str, object] = {"model": model, "insecure": insecure, "oci": oci, "stream": True}
+    if sign is not None:
+        body["sign"] = sign
+    _show("/api/push", body, "push")
 
 
 def public_key() -> str:
@@ -108,12 +116,17 @@ def public_key() -> str:
         raise ClientError(str(exc)) from None
 
 
-def verify(model: str, insecure: bool = False, keys: list[str] | None = None) -> str:
-    """`berth verify MODEL`: check the remote model's signatures against BERTH_TRUST_POLICY's keys for
-    its registry plus `keys` (`ssh-ed25519 …` lines or PEM files); raises unless one verifies."""
+def verify(model: str, insecure: bool = False, keys: list[str] | None = None, remote: bool = False) -> str:
+    """`berth verify MODEL`: check MODEL's signatures against BERTH_TRUST_POLICY's keys for its
+    registry plus `keys` (`ssh-ed25519 …` lines or PEM files); raises unless one verifies.
+
+    A model the server has is checked as stored: the signatures its registry holds must sign the
+    local manifest's digest (so a local copy that differs from what was signed fails). Otherwise,
+    or with `remote`, the manifest the registry serves for the tag is checked."""
     from pathlib import Path
 
     from registry.credentials import CredentialStore
+    from registry.digest import Digest
     from registry.errors import BerthError
     from registry.names import ModelName
     from registry.network import NetworkSettings
@@ -130,15 +143,36 @@ def verify(model: str, insecure: bool = False, keys: list[str] | None = None) ->
         trusted = [*rule.keys, *extra]
         if not trusted:
             raise ClientError(f"no trusted keys for {repo.host}/{repo.path}: pass --key or set BERTH_TRUST_POLICY")
+        local = None if remote else _local_digest(name)
         with RegistryClient(CredentialStore(), network=NetworkSettings.from_env()) as client:
-            manifest = fetch_manifest(client, repo, name.tag)
-            check = Signatures(client).check(repo, manifest.digest, trusted)
+            digest = Digest.parse(f"sha256:{local}") if local else fetch_manifest(client, repo, name.tag).digest
+            check = Signatures(client).check(repo, digest, trusted)
     except BerthError as exc:
         raise ClientError(f"verify {model}: {exc}") from None
+    what = f"{model} (local copy, {digest})" if local else f"{model} ({digest} in {repo.host})"
     if not check.verified:
         found = f"{check.found} signature(s), none by a trusted key" if check.found else "no signature"
-        raise ClientError(f"{model} ({manifest.digest}) is NOT verified: {found}")
-    return f"{model} ({manifest.digest}) verified: signed by " + ", ".join(check.trusted_by)
+        raise ClientError(f"{what} is NOT verified: {found}")
+    return f"{what} verified: signed by " + ", ".join(check.trusted_by)
+
+
+def _local_digest(name: "ModelName") -> str | None:
+    """The manifest digest (hex) of `name` on the server, or None when it has no such model or no
+    server is running (then only the registry can be asked)."""
+    from registry.errors import BerthError
+    from registry.names import ModelName
+
+    try:
+        models = Client(timeout=10).get_json("/api/tags").get("models", [])
+    except ClientError:
+        return None
+    for entry in models:
+        try:
+            if ModelName.parse(entry.get("model") or entry.get("name", "")).key == name.key:
+                return str(entry.get("digest")) or None
+        except BerthError:
+            continue
+    return None
 
 
 def login(registry: str, username: str | None, password_stdin: bool, insecure: bool = False) -> str:

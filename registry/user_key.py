@@ -15,6 +15,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from registry.errors import CorruptData
 
 KEY_FILE = "id_ed25519"
+SIGNING_KEY_ENV = "BERTH_SIGNING_KEY"
 KEY_COMMENT = "berth"
 
 
@@ -64,15 +66,37 @@ def load_or_create_key(home: Path) -> UserKey:
     path = key_path(home)
     if not path.exists():
         _create(path)
+    return load_key(path, "move it away to have a new one created")
+
+
+def load_key(path: Path, remedy: str = "point BERTH_SIGNING_KEY at an unencrypted ed25519 private key "
+                                     "(ssh-keygen -t ed25519 -N '' makes one)") -> UserKey:
+    """An unencrypted ed25519 private key in OpenSSH or PEM (PKCS#8) form."""
     try:
         raw = path.read_bytes()
-        private = serialization.load_ssh_private_key(raw, password=None)
+    except OSError as exc:
+        raise CorruptData(f"cannot read the key {path}: {exc.strerror or exc}; {remedy}") from None
+    try:
+        if raw.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
+            private = serialization.load_ssh_private_key(raw, password=None)
+        else:
+            private = serialization.load_pem_private_key(raw, password=None)
     except (ValueError, TypeError) as exc:
-        raise CorruptData(f"{path} is not an unencrypted OpenSSH ed25519 private key ({exc}); "
-                          "move it away to have a new one created") from None
+        raise CorruptData(f"{path} is not an unencrypted ed25519 private key ({exc}); {remedy}") from None
     if not isinstance(private, Ed25519PrivateKey):
-        raise CorruptData(f"{path} is not an ed25519 key; move it away to have a new one created")
+        raise CorruptData(f"{path} is not an ed25519 key; {remedy}")
     return UserKey(private, path)
+
+
+def signing_key_setting(env: Mapping[str, str]) -> Path | None:
+    """BERTH_SIGNING_KEY (a key every push is signed with), checked to be a usable key now, so a
+    typo shows when the server starts rather than at a push."""
+    raw = env.get(SIGNING_KEY_ENV, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    load_key(path)  # raises with the reason (missing, unreadable, not ed25519)
+    return path
 
 
 def _create(path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from registry.keys import KeyStore
 from registry.library import Library
@@ -10,6 +12,9 @@ from server.inference import Inference
 from server.metrics import Metrics
 from server.scheduler import Scheduler
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from registry.transfers import Transfers
 
 
 @dataclass
@@ -20,6 +25,17 @@ class AppContext:
     inference: Inference
     keys: KeyStore
     metrics: Metrics
+    _transfers: "Transfers | None" = field(default=None, init=False, repr=False)
+    _transfers_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def transfers(self) -> "Transfers":
+        """Pulls and pushes (registry/transfers.py), built on first use: most starts never need them."""
+        with self._transfers_lock:
+            if self._transfers is None:
+                from registry.transfers import Transfers
+
+                self._transfers = Transfers.from_env(self.library)
+            return self._transfers
 
     @classmethod
     def build(cls, settings: Settings, library: Library) -> "AppContext":
@@ -31,4 +47,7 @@ class AppContext:
 
     async def aclose(self) -> None:
         await self.scheduler.shutdown()
+        with self._transfers_lock:
+            if self._transfers is not None:
+                self._transfers.close()
         self.library.close()

@@ -30,6 +30,14 @@ def _int(env: Mapping[str, str], key: str, default: int, minimum: int) -> int:
     return value
 
 
+def _signing_key(env: Mapping[str, str]) -> Path | None:
+    if "BERTH_SIGNING_KEY" not in env:
+        return None  # and no need to load the cryptography package at every start
+    from registry.user_key import signing_key_setting
+
+    return signing_key_setting(env)
+
+
 @dataclass(frozen=True)
 class Settings:
     host: HostAddress
@@ -45,6 +53,7 @@ class Settings:
     no_auth: bool = False
     batching: bool = False
     loopback_needs_key: bool = False
+    signing_key: Path | None = None  # BERTH_SIGNING_KEY: pushes are signed with it unless told not to
 
     @property
     def keys_required(self) -> bool:
@@ -69,4 +78,5 @@ class Settings:
             no_auth=_flag(env.get("BERTH_NO_AUTH")),
             batching=_flag(env.get("BERTH_BATCHING")),
             loopback_needs_key=_flag(env.get("BERTH_LOOPBACK_AUTH")),
+            signing_key=_signing_key(env),
         )

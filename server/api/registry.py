@@ -10,27 +10,20 @@ download stops only when nobody waits for it any more; its partial file stays fo
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from registry.credentials import CredentialStore, berth_home
 from registry.errors import BerthError, InvalidInput
-from registry.library import Library
 from registry.names import ModelName
-from registry.network import NetworkSettings
-from registry.oci import RegistryClient, RegistryUnauthorized
-from registry.ollama_auth import OllamaKeySigner
-from registry.pull import Emit, Event, Puller, PullResult, SharedDownloads
-from registry.push import Pusher, PushResult
-from registry.rate import RateLimiter, parse_rate
-from registry.trust import TrustPolicy, UntrustedModel
-from registry.user_key import KeyHolder
+from registry.oci import RegistryUnauthorized
+from registry.pull import Emit, Event, PullResult
+from registry.push import PushResult
+from registry.rate import parse_rate
+from registry.trust import UntrustedModel
 from server.api.body import parse_json
 from server.api.ndjson import respond
 from server.api.errors import status_for
@@ -66,43 +59,9 @@ class PullBody(BaseModel):
 
 class PushBody(PullBody):
     oci: bool | None = None
-    sign: bool | None = None  # Berth's addition: sign the pushed manifest with the server user's key
-
-
-@dataclass
-class RegistryServices:
-    """The app's registry client and transfers. Lives on `app.state` until AppContext owns it."""
-
-    client: RegistryClient
-    downloads: SharedDownloads
-    puller: Puller
-    pusher: Pusher
-    keys: KeyHolder
-
-    @classmethod
-    def build(cls, library: Library, env: Mapping[str, str] | None = None) -> "RegistryServices":
-        """Proxies, CA bundle and the server-wide rate cap come from the environment, read here once."""
-        env = os.environ if env is None else env
-        network = NetworkSettings.from_env(env)
-        signer = OllamaKeySigner(berth_home(env))
-        client = RegistryClient(CredentialStore(), network=network, signer=signer)
-        downloads = SharedDownloads()
-        rate_limit = RateLimiter(network.max_download_rate) if network.max_download_rate else None
-        puller = Puller(library, client, downloads, rate_limit=rate_limit, trust=TrustPolicy.from_env(env))
-        return cls(client, downloads, puller, Pusher(library, client), signer.keys)
-
-
-_SERVICES_LOCK = threading.Lock()
-
-
-def services(request: Request) -> RegistryServices:
-    state = request.app.state
-    with _SERVICES_LOCK:
-        found = getattr(state, "registry_services", None)
-        if found is None:
-            found = RegistryServices.build(state.context.library)
-            state.registry_services = found
-        return found
+    # Berth's addition: sign the pushed manifest (with BERTH_SIGNING_KEY, else the server user's key);
+    # absent means "as BERTH_SIGNING_KEY says": signed when it is set.
+    sign: bool | None = None
 
 
 async def _events(work: Work) -> AsyncIterator[Event]:
@@ -166,7 +125,7 @@ async def _run(work: Work, stream: bool, request: Request, direction: str) -> Re
 async def pull(request: Request) -> Response:
     body = await parse_json(request, PullBody)
     name = body.model_name()
-    puller = services(request).puller
+    puller = request.app.state.context.transfers().puller
     rate = body.rate()
     return await _run(lambda emit, cancel: puller.pull(name, emit, bool(body.insecure), cancel, rate),
                       body.stream is not False, request, "pull")
@@ -177,11 +136,11 @@ async def push(request: Request) -> Response:
     body = await parse_json(request, PushBody)
     name = body.model_name()
     library = request.app.state.context.library
-    registry = services(request)
+    transfers = request.app.state.context.transfers()
 
     def work(emit: Emit, cancel: threading.Event) -> object:
-        key = registry.keys.get() if body.sign else None  # created on first use, on the worker thread
-        return registry.pusher.push(library.resolve(str(name)), emit, bool(body.insecure), bool(body.oci), cancel,
-                                    key)
+        key = transfers.key_for_push(body.sign)  # read (or created) on the worker thread
+        return transfers.pusher.push(library.resolve(str(name)), emit, bool(body.insecure), bool(body.oci), cancel,
+                                     key)
 
     return await _run(work, body.stream is not False, request, "push")

@@ -172,3 +172,65 @@ def test_signed_push_trust_policy_and_rate_cap_through_the_api(tmp_path, registr
             assert names == [f"{registry.host}/team/m:signed"]
     finally:
         server.stop()
+
+
+def test_signing_key_setting_signs_every_push_and_verify_checks_the_local_copy(  # type: ignore[no-untyped-def]
+        tmp_path, registry: LocalRegistry) -> None:
+    import os
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from registry.library import Library
+    from tests.conftest import berth_executable, start_server
+    from tests.registry_fixture import make_model
+
+    team_key = Ed25519PrivateKey.generate()  # a team's signing key, in PEM (PKCS#8) form
+    key_file = tmp_path / "team.pem"
+    key_file.write_bytes(team_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    team_public = team_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH).decode()
+    models = tmp_path / "models"
+    library = Library(models)
+    try:
+        for tag in ("a", "b"):
+            make_model(library, f"{registry.host}/team/m:{tag}", os.urandom(300_000) + tag.encode())
+    finally:
+        library.close()
+    env = {"BERTH_HOME": str(tmp_path / "home"), "BERTH_NO_DEFAULT_MODEL": "1", "BERTH_SIGNING_KEY": str(key_file)}
+    server = start_server(models, tmp_path / "server.log", extra_env=env)
+    try:
+        cli_env = {**server.env(), "BERTH_HOME": str(tmp_path / "home")}
+
+        def berth(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([berth_executable(), *args], env=cli_env, capture_output=True, text=True,
+                                  timeout=120)
+
+        signed = berth("push", f"{registry.host}/team/m:a", "--insecure")  # signed: the setting says so
+        assert signed.returncode == 0 and "pushing signature" in signed.stdout, signed.stderr
+        unsigned = berth("push", f"{registry.host}/team/m:b", "--insecure", "--no-sign")
+        assert unsigned.returncode == 0 and "pushing signature" not in unsigned.stdout, unsigned.stderr
+
+        ok = berth("verify", f"{registry.host}/team/m:a", "--insecure", "--key", team_public)
+        assert ok.returncode == 0 and "local copy" in ok.stdout and "verified" in ok.stdout, ok.stderr
+        refused = berth("verify", f"{registry.host}/team/m:b", "--insecure", "--key", team_public)
+        assert refused.returncode == 1 and "NOT verified: no signature" in refused.stderr
+
+        # The local copy of :a changes (another model under the same name): the registry's signature
+        # is for the pushed manifest, not this one; --remote still checks the registry's.
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            assert client.post("/api/copy", json={"source": f"{registry.host}/team/m:b",
+                                                  "destination": f"{registry.host}/team/m:a"}).status_code == 200
+        changed = berth("verify", f"{registry.host}/team/m:a", "--insecure", "--key", team_public)
+        assert changed.returncode == 1 and "local copy" in changed.stderr and "NOT verified" in changed.stderr
+        remote = berth("verify", f"{registry.host}/team/m:a", "--insecure", "--remote", "--key", team_public)
+        assert remote.returncode == 0 and "local copy" not in remote.stdout, remote.stderr
+    finally:
+        server.stop()
+
+    bad = subprocess.run([berth_executable(), "serve"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **env, "BERTH_MODELS": str(models),
+                              "BERTH_SIGNING_KEY": str(tmp_path / "missing.pem")})
+    assert bad.returncode != 0 and "missing.pem" in bad.stderr and "BERTH_SIGNING_KEY" in bad.stderr
