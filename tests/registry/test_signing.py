@@ -333,3 +333,150 @@ def test_berth_verify_and_berth_key(registry: LocalRegistry, library: Library, t
     monkeypatch.setenv("BERTH_TRUST_POLICY", str(tmp_path / "policy.json"))
     with pytest.raises(ClientError, match="none by a trusted key"):
         transfer.verify(str(signed), insecure=True)
+
+
+# -- the referrers API (OCI distribution 1.1) ---------------------------------------------------------
+
+class FakeReferrersRegistry:
+    """A fake OCI 1.1 registry, in memory: blobs (HEAD, GET, POST + PATCH + PUT uploads), manifests
+    by tag or digest, and `GET /v2/<repo>/referrers/<digest>` answering `OCI-Subject` on pushes with a
+    subject. Debian's docker-registry (2.8) predates the referrers API, so this stands in for Zot,
+    Harbor or distribution 3 to exercise that path."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}  # (repo, tag or digest) -> body, type
+        self.requests: list[tuple[str, str]] = []
+        self.uploads: dict[str, bytearray] = {}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _route(self) -> tuple[str, str, str, dict[str, str]]:
+                parts = urlsplit(self.path)
+                path = parts.path.removeprefix("/v2/")
+                for kind in ("/blobs/uploads/", "/blobs/", "/manifests/", "/referrers/"):
+                    if kind in path:
+                        repo, _, ref = path.partition(kind)
+                        return repo, kind, ref, dict(parse_qsl(parts.query))
+                return "", path, "", {}
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
+
+            def do_GET(self) -> None:
+                fake.requests.append((self.command, self.path))
+                repo, kind, ref, query = self._route()
+                if kind == "/blobs/" and ref in fake.blobs:
+                    return self._send(200, fake.blobs[ref], {"Docker-Content-Digest": ref})
+                if kind == "/manifests/" and (repo, ref) in fake.manifests:
+                    body, media_type = fake.manifests[(repo, ref)]
+                    return self._send(200, body, {"Content-Type": media_type,
+                                                  "Docker-Content-Digest": str(Digest.of_bytes(body))})
+                if kind == "/referrers/":
+                    found = []
+                    for (r, reference), (body, media_type) in fake.manifests.items():
+                        doc = json.loads(body)
+                        if r == repo and reference.startswith("sha256:") \
+                                and doc.get("subject", {}).get("digest") == ref \
+                                and query.get("artifactType") in (None, doc.get("artifactType")):
+                            found.append({"mediaType": media_type, "digest": reference, "size": len(body),
+                                          "artifactType": doc.get("artifactType")})
+                    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                        "manifests": found}).encode()
+                    return self._send(200, index, {"Content-Type": "application/vnd.oci.image.index.v1+json",
+                                                   "OCI-Filters-Applied": "artifactType"})
+                self._send(404, b'{"errors":[{"code":"NOT_FOUND","message":"unknown"}]}')
+
+            def do_POST(self) -> None:
+                fake.requests.append((self.command, self.path))
+                repo, kind, _, _ = self._route()
+                self._body()
+                upload = f"u{len(fake.uploads)}"
+                fake.uploads[upload] = bytearray()
+                self._send(202, b"", {"Location": f"/v2/{repo}/blobs/uploads/{upload}"})
+
+            def do_PATCH(self) -> None:
+                fake.requests.append((self.command, self.path))
+                repo, _, upload, _ = self._route()
+                fake.uploads[upload] += self._body()
+                self._send(202, b"", {"Location": f"/v2/{repo}/blobs/uploads/{upload}",
+                                      "Range": f"0-{len(fake.uploads[upload]) - 1}"})
+
+            def do_PUT(self) -> None:
+                fake.requests.append((self.command, self.path))
+                repo, kind, ref, query = self._route()
+                body = self._body()
+                if kind == "/blobs/uploads/":
+                    data = bytes(fake.uploads.pop(ref)) + body
+                    if str(Digest.of_bytes(data)) != query.get("digest"):
+                        return self._send(400, b'{"errors":[{"code":"DIGEST_INVALID","message":"bad"}]}')
+                    fake.blobs[query["digest"]] = data
+                    return self._send(201, b"", {"Docker-Content-Digest": query["digest"]})
+                digest = str(Digest.of_bytes(body))
+                media_type = self.headers.get("Content-Type", OCI_MANIFEST)
+                fake.manifests[(repo, ref)] = fake.manifests[(repo, digest)] = (body, media_type)
+                headers = {"Docker-Content-Digest": digest}
+                subject = json.loads(body).get("subject")
+                if subject:
+                    headers["OCI-Subject"] = subject["digest"]
+                self._send(201, b"", headers)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_signatures_go_through_the_referrers_api_where_a_registry_has_it(library: Library, tmp_path: Path) -> None:
+    fake = FakeReferrersRegistry()
+    try:
+        key = load_or_create_key(tmp_path / "home")
+        name, digest = _push(library, fake, tmp_path, "signed", key)  # type: ignore[arg-type]
+        repo = Repository.of(name, insecure=True)
+        # The registry answered OCI-Subject, so no sha256-<hex>.sig fallback tag was pushed.
+        assert (repo.path, signature_tag(digest)) not in fake.manifests
+        assert not any(signature_tag(digest) in path for _, path in fake.requests)
+        fake.requests.clear()
+        with _plain_client(tmp_path) as client:
+            check = Signatures(client).check(repo, digest, [key.public])
+        assert check.verified and check.found == 1
+        assert any(method == "GET" and f"/referrers/{digest}" in path for method, path in fake.requests)
+
+        # A pull under an enforcing policy finds the signature the same way and tags the model.
+        other, third = Library(tmp_path / "other"), Library(tmp_path / "third")
+        try:
+            with _plain_client(tmp_path) as client:
+                Puller(other, client, trust=_policy(fake, "enforce", key)).pull(  # type: ignore[arg-type]
+                    name, lambda e: None, insecure=True)
+            assert other.get(str(name)).manifest.digest == digest
+            stranger = load_or_create_key(tmp_path / "stranger")
+            with _plain_client(tmp_path) as client, pytest.raises(UntrustedModel):
+                Puller(third, client, trust=_policy(fake, "enforce", stranger)).pull(  # type: ignore[arg-type]
+                    name, lambda e: None, insecure=True)
+            assert third.names() == []
+        finally:
+            other.close()
+            third.close()
+    finally:
+        fake.close()
