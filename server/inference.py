@@ -84,6 +84,26 @@ def decode_images(images: list[str] | None) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+def debug_render(model: str, key: str, empty: Any, rendered: str, images: int) -> dict[str, Any]:
+    """`_debug_render_only`'s one answer: the prompt as it would go to the model, nothing generated."""
+    info: dict[str, Any] = {"rendered_template": rendered}
+    if images:
+        info["image_count"] = images
+    return {"model": model, "created_at": now_rfc3339(), key: empty, "done": False, "_debug_info": info}
+
+
+def _logprobs_of(message: dict[str, Any]) -> dict[str, Any]:
+    return {"logprobs": message["logprobs"]} if message.get("logprobs") else {}
+
+
+def _take(logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+    if not logprobs:
+        return {}
+    taken = list(logprobs)
+    logprobs.clear()
+    return {"logprobs": taken}
+
+
 def metrics(done: dict[str, Any], started_ns: int, load_ns: int) -> dict[str, Any]:
     """Ollama's six statistics in nanoseconds, each omitted when zero."""
     values = {
@@ -210,6 +230,27 @@ def tool_parser_for(template: str, tools: list[dict[str, Any]] | None) -> tool_c
 
 
 @dataclass(frozen=True)
+class OutputOptions:
+    """Request flags of 0.12.x that shape what a generation returns rather than the prompt."""
+
+    shift: bool = True  # on a full context, drop older tokens (keeping num_keep) and go on
+    logprobs: int | None = None  # None: none; else log-probabilities with this many alternatives
+    debug_render_only: bool = False  # `_debug_render_only`: answer with the rendered prompt instead
+
+    @classmethod
+    def parse(cls, shift: bool | None, logprobs: bool | None, top_logprobs: int | None,
+              debug_render_only: bool | None) -> "OutputOptions":
+        top = top_logprobs or 0
+        if not 0 <= top <= 20:
+            raise InvalidInput("top_logprobs must be between 0 and 20")
+        return cls(shift=shift is not False, logprobs=top if logprobs else None,
+                   debug_render_only=bool(debug_render_only))
+
+    def payload(self) -> dict[str, Any]:
+        return {"shift": self.shift, "logprobs": self.logprobs}
+
+
+@dataclass(frozen=True)
 class GenerateInput:
     model: str
     prompt: str = ""
@@ -224,6 +265,7 @@ class GenerateInput:
     keep_alive: float | None = None
     truncate: bool = True
     think: bool | str | None = None
+    outputs: OutputOptions = OutputOptions()
 
 
 @dataclass(frozen=True)
@@ -238,6 +280,7 @@ class ChatInput:
     think: bool | str | None = None
     # Berth's addition (the REPL's `/set template`): a template for this request only.
     template: str | None = None
+    outputs: OutputOptions = OutputOptions()
 
 
 THINK_LEVELS = ("low", "medium", "high", "max")
@@ -287,14 +330,19 @@ class Generation:
         except BaseException:
             lease.release()
             raise
-        payload = {"prompt": text, "options": plan.sampling, "format": fmt, "images": list(images),
-                   "add_bos": True}
         name = resolved.name
+        if request.outputs.debug_render_only:
+            lease.release()
+            yield debug_render(name, "response", "", text, len(images))
+            return
+        payload = {"prompt": text, "options": plan.sampling, "format": fmt, "images": list(images),
+                   "add_bos": True, **request.outputs.payload()}
         first_token: float | None = None
         async for message in self.inference.run(lease, payload):
             if message["type"] == "token":
                 first_token = first_token or (time.perf_counter_ns() - started) / 1e9
-                yield {"model": name, "created_at": now_rfc3339(), "response": message["text"], "done": False}
+                yield {"model": name, "created_at": now_rfc3339(), "response": message["text"], "done": False,
+                       **_logprobs_of(message)}
             elif message["type"] == "done":
                 self.inference.scheduler.metrics.generation(name, message, first_token)
                 final: dict[str, Any] = {"model": name, "created_at": now_rfc3339(), "response": "", "done": True,
@@ -356,10 +404,16 @@ class Generation:
         except BaseException:
             lease.release()
             raise
-        payload = {"prompt": rendered.text, "options": plan.sampling, "format": fmt,
-                   "images": list(rendered.images), "add_bos": True}
-        parser = tool_parser_for(resolved.template, tools)
         name = resolved.name
+        if request.outputs.debug_render_only:
+            lease.release()
+            yield debug_render(name, "message", {"role": "", "content": ""}, rendered.text, len(rendered.images))
+            return
+        payload = {"prompt": rendered.text, "options": plan.sampling, "format": fmt,
+                   "images": list(rendered.images), "add_bos": True, **request.outputs.payload()}
+        parser = tool_parser_for(resolved.template, tools)
+        # Log-probabilities wait for the next chunk that goes out (the tool-call parser may hold text back).
+        logprobs: list[dict[str, Any]] = []
 
         def chunk(content: str, calls: list[tool_calls.ToolCall]) -> dict[str, Any]:
             message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -371,16 +425,17 @@ class Generation:
         async for message in self.inference.run(lease, payload):
             if message["type"] == "token":
                 first_token = first_token or (time.perf_counter_ns() - started) / 1e9
+                logprobs.extend(message.get("logprobs", ()))
                 content, calls = parser.feed(message["text"]) if parser else (message["text"], [])
                 if content or calls:
-                    yield chunk(content, calls)
+                    yield {**chunk(content, calls), **_take(logprobs)}
             elif message["type"] == "done":
                 self.inference.scheduler.metrics.generation(name, message, first_token)
                 if parser:
                     content, calls = parser.finish()
                     if content or calls:
-                        yield chunk(content, calls)
-                final = chunk("", [])
+                        yield {**chunk(content, calls), **_take(logprobs)}
+                final = {**chunk("", []), **_take(logprobs)}
                 final.update(done=True, done_reason=message["done_reason"])
                 final.update(metrics(message, started, lease.load_duration_ns))
                 yield final

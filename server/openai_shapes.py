@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from registry.errors import InvalidInput
 from registry.library import StoredModel
-from server.inference import ChatInput, GenerateInput
+from server.inference import ChatInput, GenerateInput, OutputOptions
 from server.prompt import ChatMessage
 from server.tools import ToolCall, new_tool_call_id
 
@@ -147,6 +147,8 @@ class ChatCompletionRequest(_Sampled):
     tools: list[dict[str, Any]] | None = None
     reasoning_effort: str | None = None
     reasoning: Reasoning | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def think(self) -> bool | str | None:
         effort = self.reasoning_effort or (self.reasoning.effort if self.reasoning else None)
@@ -289,7 +291,8 @@ def chat_input(body: ChatCompletionRequest) -> ChatInput:
     if not body.messages:
         raise InvalidInput("[] is too short - 'messages'")
     return ChatInput(model=model, messages=chat_messages(body.messages), tools=tuple(body.tools or ()),
-                     format=body.format(), options=body.options(), think=body.think())
+                     format=body.format(), options=body.options(), think=body.think(),
+                     outputs=OutputOptions.parse(None, body.logprobs, body.top_logprobs, None))
 
 
 def generate_input(body: CompletionRequest) -> GenerateInput:
@@ -389,11 +392,16 @@ class ChatTranslator(Translator):
         super().__init__(include_usage)
         self.reasoning: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
+        self.logprobs: list[dict[str, Any]] = []  # every token's, for the whole answer
+        self.unsent_logprobs: list[dict[str, Any]] = []  # those not yet attached to a streamed chunk
         self.role_sent = False
 
     def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        return self._frame("chat.completion.chunk",
-                           choices=[{"index": 0, "delta": delta, "finish_reason": reason}])
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason}
+        if self.unsent_logprobs:
+            choice["logprobs"] = {"content": self.unsent_logprobs}
+            self.unsent_logprobs = []
+        return self._frame("chat.completion.chunk", choices=[choice])
 
     def _delta(self, fields: dict[str, Any]) -> dict[str, Any]:
         if not self.role_sent:
@@ -407,6 +415,9 @@ class ChatTranslator(Translator):
         thinking = message.get("thinking") or ""
         content = message.get("content", "")
         calls = [openai_tool_call(call) for call in message.get("tool_calls", [])]
+        entries = [openai_logprob(entry) for entry in chunk.get("logprobs", ())]
+        self.logprobs.extend(entries)
+        self.unsent_logprobs.extend(entries)
         self.reasoning.append(thinking)
         self.text.append(content)
         self.tool_calls.extend(calls)
@@ -432,8 +443,10 @@ class ChatTranslator(Translator):
             message["reasoning"] = "".join(self.reasoning)
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
-        choice = {"index": 0, "message": message,
-                  "finish_reason": finish_reason(self.done_reason, bool(self.tool_calls))}
+        choice: dict[str, Any] = {"index": 0, "message": message,
+                                  "finish_reason": finish_reason(self.done_reason, bool(self.tool_calls))}
+        if self.logprobs:
+            choice["logprobs"] = {"content": self.logprobs}
         return self._frame("chat.completion", choices=[choice], usage=self._usage())
 
 
@@ -464,6 +477,14 @@ class CompletionTranslator(Translator):
     def response(self) -> dict[str, Any]:
         choice = self._choice("".join(self.text), finish_reason(self.done_reason, False))
         return self._frame("text_completion", choices=[choice], usage=self._usage())
+
+
+def openai_logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    """A native logprob entry in OpenAI's shape, where `top_logprobs` is always a list."""
+    def one(item: dict[str, Any]) -> dict[str, Any]:
+        return {"token": item.get("token", ""), "logprob": item.get("logprob", 0.0), "bytes": item.get("bytes", [])}
+
+    return {**one(entry), "top_logprobs": [one(alt) for alt in entry.get("top_logprobs", ())]}
 
 
 def _base64_floats(vector: list[float]) -> str:

@@ -63,6 +63,7 @@ class SamplingOptions:
     repeat_last_n: int = 64
     seed: int = -1
     num_predict: int = -1
+    num_keep: int = 4  # tokens (after BOS) a context shift never discards
     stop: tuple[str, ...] = ()
 
     @classmethod
@@ -79,6 +80,7 @@ class SamplingOptions:
             repeat_last_n=int(options.get("repeat_last_n", 64)),
             seed=int(options.get("seed", -1)),
             num_predict=int(options.get("num_predict", -1)),
+            num_keep=int(options.get("num_keep", 4)),
             stop=tuple(s for s in options.get("stop", ()) or () if s),
         )
 
@@ -177,7 +179,8 @@ class _Runner:
             threading.Thread(target=self.engine.run_forever, name="batch-engine", daemon=True).start()
         while (message := self.jobs.get()) is not None:
             job_id = message.get("id", -1)
-            if message.get("op") == "generate" and self.engine is not None:
+            # The batch engine has no logprobs; such a request takes the one-at-a-time path.
+            if message.get("op") == "generate" and self.engine is not None and message.get("logprobs") is None:
                 self.submit_batched(message)
                 continue
             try:
@@ -268,55 +271,70 @@ class _Runner:
         vocab = llm._model.vocab if hasattr(llm._model, "vocab") else None  # noqa: SLF001
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""  # decoded text held back because it may be the start of a stop string
+        top_n: int | None = message.get("logprobs")  # None: no logprobs; else alternatives per token
+        logprobs: list[dict[str, Any]] = []  # of tokens whose text has not been sent yet
+        shift = message.get("shift", True) is not False
         stats = _Stats()
         llama_cpp.llama_perf_context_reset(llm.ctx)
         started = time.perf_counter_ns()
         first_token_at = started
         reason = "stop"
-        generator = llm.generate(
-            tokens,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            typical_p=sampling.typical_p,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repeat_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            presence_penalty=sampling.presence_penalty,
-            grammar=grammar,
-            reset=True,
-        )
-        try:
-            for token in generator:
-                if stats.eval_count == 0:
-                    first_token_at = time.perf_counter_ns()
-                if self.is_cancelled(job_id):
-                    reason = "cancel"
-                    break
-                if token == eog or (vocab is not None and llama_cpp.llama_vocab_is_eog(vocab, token)):
-                    break
-                stats.eval_count += 1
-                stats.tokens.append(token)
-                piece = llm.detokenize([token], prev_tokens=tokens + stats.tokens[:-1])
-                pending += decoder.decode(piece)
-                emit, pending, hit = _split_at_stop(pending, stops)
-                if emit:
-                    self.send({"id": job_id, "type": "token", "text": emit})
-                if hit:
-                    pending = ""
-                    break
-                if 0 <= num_predict <= stats.eval_count:
-                    reason = "length"
-                    break
-                if len(tokens) + stats.eval_count >= n_ctx:
-                    reason = "length"
-                    break
-        finally:
-            generator.close()
+        window = list(tokens)  # what the context holds: the prompt, then generated tokens, less any shifts
+        generating = True
+        while generating:
+            generating = False
+            generator = llm.generate(
+                window,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                min_p=sampling.min_p,
+                typical_p=sampling.typical_p,
+                temp=sampling.temperature,
+                repeat_penalty=sampling.repeat_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                presence_penalty=sampling.presence_penalty,
+                grammar=grammar,
+                reset=True,
+            )
+            try:
+                for token in generator:
+                    if stats.eval_count == 0:
+                        first_token_at = time.perf_counter_ns()
+                    if self.is_cancelled(job_id):
+                        reason = "cancel"
+                        break
+                    if token == eog or (vocab is not None and llama_cpp.llama_vocab_is_eog(vocab, token)):
+                        break
+                    if top_n is not None:
+                        logprobs.append(self.token_logprobs(token, top_n))  # before the next eval replaces the logits
+                    stats.eval_count += 1
+                    stats.tokens.append(token)
+                    window.append(token)
+                    piece = llm.detokenize([token], prev_tokens=tokens + stats.tokens[:-1])
+                    pending += decoder.decode(piece)
+                    emit, pending, hit = _split_at_stop(pending, stops)
+                    if emit:
+                        self.send({"id": job_id, "type": "token", "text": emit, **_take(logprobs)})
+                    if hit:
+                        pending = ""
+                        logprobs.clear()  # the stop string's tokens are not part of the answer
+                        break
+                    if 0 <= num_predict <= stats.eval_count:
+                        reason = "length"
+                        break
+                    if len(window) >= n_ctx:
+                        if not shift:
+                            reason = "length"
+                            break
+                        window = _shifted(window, sampling.num_keep, bos=bool(message.get("add_bos", True)))
+                        generating = True  # go on from the shortened window (its kept tail is re-read)
+                        break
+            finally:
+                generator.close()
         finished = time.perf_counter_ns()
         tail = pending + decoder.decode(b"", final=True)
-        if tail and reason != "cancel":
-            self.send({"id": job_id, "type": "token", "text": tail})
+        if (tail or logprobs) and reason != "cancel":
+            self.send({"id": job_id, "type": "token", "text": tail, **_take(logprobs)})
         perf = llama_cpp.llama_perf_context(llm.ctx)
         self.send({
             "id": job_id,
@@ -329,6 +347,26 @@ class _Runner:
             "eval_duration": finished - first_token_at,
             "tokens": tokens + stats.tokens,
         })
+
+    def token_logprobs(self, token: int, top_n: int) -> dict[str, Any]:
+        """Ollama's logprob entry for the token just sampled: log-softmax of the model's logits (before
+        any sampling transform), plus the `top_n` likeliest tokens at that position."""
+        import numpy as np
+
+        llm = self.llm
+        logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        entry = self._logprob(token, float(logits[token]) - log_total)
+        if top_n > 0:
+            best = np.argpartition(logits, -top_n)[-top_n:]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            entry["top_logprobs"] = [self._logprob(int(t), float(logits[t]) - log_total) for t in best]
+        return entry
+
+    def _logprob(self, token: int, value: float) -> dict[str, Any]:
+        data = bytes(self.llm.detokenize([token], special=True))
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(data)}
 
     def grammar_for(self, fmt: Any) -> Any:
         """`format` "json" or a JSON Schema object, as a llama.cpp grammar (None for free text)."""
@@ -384,6 +422,23 @@ class _Runner:
                 verbose=False,
             )
         return self.embedder
+
+
+def _take(logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`{"logprobs": [...]}` with the entries gathered so far (emptying the list), or nothing."""
+    if not logprobs:
+        return {}
+    taken = list(logprobs)
+    logprobs.clear()
+    return {"logprobs": taken}
+
+
+def _shifted(window: list[int], num_keep: int, bos: bool) -> list[int]:
+    """The context after a shift, as llama.cpp's runners do it: keep BOS and the first `num_keep`
+    tokens, drop the older half of the rest."""
+    keep = min(len(window) - 1, max(0, num_keep) + int(bos))
+    discard = (len(window) - keep) // 2
+    return window[:keep] + window[keep + discard:]
 
 
 def _split_at_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:

@@ -13,14 +13,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.errors import InvalidInput
 from server import prompt as prompts
 from server.api.body import parse_json
 from server.api.ndjson import respond
 from server.durations import parse_keep_alive
-from server.inference import ChatInput, GenerateInput, Generation, decode_images, normalize
+from server.inference import ChatInput, GenerateInput, Generation, OutputOptions, decode_images, normalize
 from server.context import AppContext
 
 log = logging.getLogger("berth.api")
@@ -43,7 +43,20 @@ class _Request(BaseModel):
         return value
 
 
-class GenerateBody(_Request):
+class _GenerationRequest(_Request):
+    """Fields generate and chat share since Ollama 0.12."""
+
+    truncate: bool | None = None
+    shift: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    debug_render_only: bool | None = Field(default=None, alias="_debug_render_only")
+
+    def outputs(self) -> OutputOptions:
+        return OutputOptions.parse(self.shift, self.logprobs, self.top_logprobs, self.debug_render_only)
+
+
+class GenerateBody(_GenerationRequest):
     prompt: str | None = None
     suffix: str | None = None
     system: str | None = None
@@ -52,7 +65,6 @@ class GenerateBody(_Request):
     raw: bool | None = None
     format: Any = None
     images: list[str] | None = None
-    truncate: bool | None = None
     think: bool | str | None = None
 
 
@@ -85,11 +97,10 @@ class MessageBody(BaseModel):
         return value.lower()
 
 
-class ChatBody(_Request):
+class ChatBody(_GenerationRequest):
     messages: list[MessageBody] | None = None
     tools: list[dict[str, Any]] | None = None
     format: Any = None
-    truncate: bool | None = None
     think: bool | str | None = None
     template: str | None = None
 
@@ -130,6 +141,7 @@ async def generate(request: Request) -> Response:
         keep_alive=_keep_alive(body, context),
         truncate=body.truncate is not False,
         think=body.think,
+        outputs=body.outputs(),
     )
     return await respond(Generation(context.inference).generate(job), body.stream is not False, "response")
 
@@ -161,6 +173,7 @@ async def chat(request: Request) -> Response:
         truncate=body.truncate is not False,
         think=body.think,
         template=body.template,
+        outputs=body.outputs(),
     )
     return await respond(Generation(context.inference).chat(job), body.stream is not False, "message")
 

@@ -57,9 +57,11 @@ def _line(chunk: dict[str, Any]) -> bytes:
 async def _collect(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], merge_key: str) -> dict[str, Any]:
     text: list[str] = []
     calls: list[Any] = []
+    logprobs: list[Any] = []
     last = first
     async for chunk in _chain(first, chunks):
         last = chunk
+        logprobs.extend(chunk.get("logprobs", ()))
         if merge_key == "message":
             message = chunk.get("message", {})
             text.append(message.get("content", ""))
@@ -75,6 +77,8 @@ async def _collect(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]],
         result["message"] = message
     else:
         result[merge_key] = "".join(text)
+    if logprobs:
+        result["logprobs"] = logprobs
     return result
 
 
