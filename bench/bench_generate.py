@@ -33,7 +33,7 @@ RAW = textwrap.dedent(
     import json, sys, time
     import llama_cpp
     path, prompt, tokens, repeat, n_ctx, n_batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, flash_attn=True, verbose=False)  # as Berth runs it
     runs = []  # like Berth's runner, generate() reuses the cached prompt prefix between runs
     for i in range(repeat + 1):
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)

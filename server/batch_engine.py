@@ -7,7 +7,10 @@ user's decode time instead of N times it.
 
 - Each slot is a llama.cpp sequence id with its own sampler chain and its own KV stream
   (`kv_unified=False`, `n_ctx = n_ctx_per_slot * slots`), so every slot gets the full num_ctx and
-  one long conversation cannot take room from the others.
+  one long conversation cannot take room from the others. One unified buffer decodes ~10% faster
+  per step here (and prefills ~20% faster), but then a sequence's attention sums run over cells
+  that depend on its neighbours, so identical greedy requests in one batch can answer differently;
+  separate streams keep them identical.
 - Prompts are evaluated in chunks: decode tokens go first, prefills share what is left of
   `n_batch`, so a long prompt never stalls the others' next token by more than one chunk.
 - New requests join between steps; a cancelled or failed sequence has its KV range removed at
@@ -80,7 +83,7 @@ class BatchEngine:
 
     def __init__(self, model_path: str, n_ctx_per_slot: int, slots: int, n_batch: int = 512,
                  n_threads: int = 0, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 flash_attn: bool = False, kv_unified: bool = False, repack_weights: bool = True) -> None:
+                 flash_attn: bool = True, kv_unified: bool = False, repack_weights: bool = True) -> None:
         import llama_cpp
 
         if slots < 1:
@@ -112,7 +115,7 @@ class BatchEngine:
         ctx_params.n_threads = n_threads if n_threads > 0 else max(cpus // 2, 1)
         ctx_params.n_threads_batch = n_threads if n_threads > 0 else cpus
         ctx_params.no_perf = False
-        # `Llama(flash_attn=False)` is what the unbatched runner uses; match it for equal output.
+        # The unbatched runner passes the same flag to `Llama`, so both paths give equal output.
         ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)

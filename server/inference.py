@@ -171,6 +171,7 @@ class Inference:
             use_mmap=merged.get("use_mmap") if isinstance(merged.get("use_mmap"), bool) else None,
             num_thread=int(merged.get("num_thread", 0) or 0),
             batch_slots=self.settings.num_parallel if self.settings.batching else 0,
+            flash_attn=self.settings.flash_attention,
         )
         sampling = {k: (list(v) if isinstance(v, tuple) else v) for k, v in merged.items()
                     if k not in option_table.RUNNER_OPTIONS}

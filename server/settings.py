@@ -53,6 +53,7 @@ class Settings:
     no_auth: bool = False
     batching: bool = False
     loopback_needs_key: bool = False
+    flash_attention: bool = True  # BERTH_FLASH_ATTENTION=0 turns llama.cpp's flash attention off
     signing_key: Path | None = None  # BERTH_SIGNING_KEY: pushes are signed with it unless told not to
 
     @property
@@ -78,5 +79,6 @@ class Settings:
             no_auth=_flag(env.get("BERTH_NO_AUTH")),
             batching=_flag(env.get("BERTH_BATCHING")),
             loopback_needs_key=_flag(env.get("BERTH_LOOPBACK_AUTH")),
+            flash_attention=_flag(env.get("BERTH_FLASH_ATTENTION") or "1"),  # unset or empty: on
             signing_key=_signing_key(env),
         )

@@ -42,7 +42,9 @@ def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(gguf_path: Path) -> Iterator[Any]:
-    model = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=SLOT_CTX, n_batch=512, verbose=False)
+    # flash_attn as the engine (and Berth's runner) use it, so both paths compute the same numbers.
+    model = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=SLOT_CTX, n_batch=512, flash_attn=True,
+                            verbose=False)
     yield model
     model.close()
 

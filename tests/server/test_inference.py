@@ -42,7 +42,7 @@ RAW_BASELINE = textwrap.dedent(
     """
     import json, sys
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=4096, verbose=False)
+    llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=4096, flash_attn=True, verbose=False)  # as Berth runs it
     ids = llm.tokenize(sys.argv[2].encode(), add_bos=True, special=True)
     out = []
     for tok in llm.generate(ids, temp=0.0, reset=True):
