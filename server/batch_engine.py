@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from server.runner import InputError, SamplingOptions, _split_at_stop
+from server.runner import InputError, SamplingOptions, _shifted, _split_at_stop
 
 log = logging.getLogger("berth.batch_engine")
 
@@ -56,6 +56,7 @@ class _Job:
     on_piece: PieceCallback
     on_done: DoneCallback
     on_error: ErrorCallback
+    shift: bool = True  # at a full context, drop older tokens (keeping num_keep) and go on
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -83,7 +84,10 @@ class BatchEngine:
 
     def __init__(self, model_path: str, n_ctx_per_slot: int, slots: int, n_batch: int = 512,
                  n_threads: int = 0, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 flash_attn: bool = True, kv_unified: bool = False, repack_weights: bool = True) -> None:
+                 flash_attn: bool = True, kv_unified: bool = False, repack_weights: bool = True,
+                 model: Any = None) -> None:
+        """`model`: an already loaded `llama_model *` to add a context to (the runner's, so the
+        weights are in memory once); it stays its owner's. Otherwise `model_path` is loaded."""
         import llama_cpp
 
         if slots < 1:
@@ -92,17 +96,20 @@ class BatchEngine:
             raise ValueError(f"n_batch ({n_batch}) must hold one token per slot ({slots})")
         self._llama = llama_cpp
         llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        # llama.cpp reads INT32_MAX as "all layers"; -1 is Berth's spelling of that.
-        model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
-        model_params.use_mmap = use_mmap
-        # Repacked CPU weights are faster, but their kernels treat a row differently depending on
-        # where it falls in the batch, so greedy output can change with the batch composition.
-        # False gives batch-invariant results (used by the tests to check the scheduling).
-        model_params.use_extra_bufts = repack_weights
-        self._model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
-        if not self._model:
-            raise ValueError(f"failed to load model from {model_path}")
+        self._owns_model = model is None
+        if model is None:
+            model_params = llama_cpp.llama_model_default_params()
+            # llama.cpp reads INT32_MAX as "all layers"; -1 is Berth's spelling of that.
+            model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+            model_params.use_mmap = use_mmap
+            # Repacked CPU weights are faster, but their kernels treat a row differently depending on
+            # where it falls in the batch, so greedy output can change with the batch composition.
+            # False gives batch-invariant results (used by the tests to check the scheduling).
+            model_params.use_extra_bufts = repack_weights
+            model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
+            if not model:
+                raise ValueError(f"failed to load model from {model_path}")
+        self._model = model
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx_per_slot * slots
         ctx_params.n_batch = n_batch
@@ -120,7 +127,8 @@ class BatchEngine:
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
+            if self._owns_model:
+                llama_cpp.llama_model_free(self._model)
             raise ValueError("failed to create the llama.cpp context (not enough memory for the KV cache?)")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -142,11 +150,11 @@ class BatchEngine:
 
     def submit(self, job_id: int, prompt_tokens: Sequence[int], options: Mapping[str, Any],
                grammar_text: str | None, on_piece: PieceCallback, on_done: DoneCallback,
-               on_error: ErrorCallback) -> None:
+               on_error: ErrorCallback, shift: bool = True) -> None:
         """Queue a generation. Callbacks run on the engine thread: `on_piece(text)` zero or more
         times, then exactly one of `on_done(stats)` or `on_error(exc)` (InputError = bad request)."""
         job = _Job(job_id, list(prompt_tokens), SamplingOptions.from_options(options), grammar_text,
-                   on_piece, on_done, on_error)
+                   on_piece, on_done, on_error, shift)
         with self._wake:
             self._waiting.append(job)
             self._wake.notify()
@@ -220,9 +228,9 @@ class BatchEngine:
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
-        if self._model:
+        if self._model and self._owns_model:
             llama_cpp.llama_model_free(self._model)
-            self._model = None
+        self._model = None
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -381,9 +389,22 @@ class BatchEngine:
         elif 0 <= options.num_predict <= len(slot.generated):
             self._finish(slot, "length")
         elif len(slot.cached) + 1 >= self.n_ctx_per_slot:
-            self._finish(slot, "length")  # the next token would not fit this slot's context
+            # The next token would not fit this slot's context.
+            if job.shift:
+                self._shift(slot, token)
+            else:
+                self._finish(slot, "length")
         else:
             slot.next_token = token
+
+    def _shift(self, slot: _Slot, token: int) -> None:
+        """Context shift: keep BOS and num_keep tokens, drop the older half of the rest, and go on
+        from the shorter window, which is evaluated again like a prompt (its last token is `token`)."""
+        assert slot.job is not None
+        window = _shifted(slot.cached + [token], slot.job.options.num_keep, bos=True)
+        self._drop_kv(slot)
+        slot.to_prefill = window
+        slot.next_token = None
 
     def _piece(self, token: int) -> bytes:
         """The token's bytes, as `Llama.detokenize([token])` gives them (special tokens hidden)."""

@@ -24,7 +24,7 @@ from server import jinja_prompt
 from server import prompt as prompts
 from server import tools as tool_calls
 from server.models import ModelView, view
-from server.runner import LoadSpec
+from server.runner import AUTO_SLOTS, LoadSpec
 from server.scheduler import Lease, ModelRef, Scheduler
 from server.settings import Settings
 
@@ -170,7 +170,7 @@ class Inference:
             main_gpu=int(merged.get("main_gpu", 0) or 0),
             use_mmap=merged.get("use_mmap") if isinstance(merged.get("use_mmap"), bool) else None,
             num_thread=int(merged.get("num_thread", 0) or 0),
-            batch_slots=self.settings.num_parallel if self.settings.batching else 0,
+            batch_slots=(self.settings.num_parallel or AUTO_SLOTS) if self.settings.batching else 0,
             flash_attn=self.settings.flash_attention,
         )
         sampling = {k: (list(v) if isinstance(v, tuple) else v) for k, v in merged.items()

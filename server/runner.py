@@ -23,6 +23,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from multiprocessing.connection import Connection
 from typing import Any, Mapping
 
@@ -44,7 +45,9 @@ class LoadSpec:
     main_gpu: int = 0
     use_mmap: bool | None = None
     num_thread: int = 0
-    # > 0: serve generations through the continuous-batching engine with this many slots.
+    # Generations at once through the continuous-batching engine: AUTO_SLOTS picks by hardware
+    # (4 with the model on a GPU, 2 on the CPU, fewer when their KV caches would not fit in
+    # memory); 0 or 1 serves one at a time with llama-cpp-python's own generate.
     batch_slots: int = 0
     # llama.cpp's flash attention (its own default, "auto", turns it on where the backend has it):
     # ~12% faster batched decode steps on CPU; both generation paths use the same setting so that
@@ -98,6 +101,41 @@ class _Stats:
     tokens: list[int] = field(default_factory=list)
 
 
+AUTO_SLOTS = -1
+# At most this share of the memory available at load time goes to the batch slots' KV caches.
+KV_MEMORY_SHARE = 0.5
+
+
+def kv_slots_that_fit(metadata: Mapping[str, str], num_ctx: int, available: int | None) -> int:
+    """How many slots' f16 KV caches (num_ctx tokens each) fit in KV_MEMORY_SHARE of `available`
+    bytes, from the GGUF's own figures; a large number when they are not known."""
+    arch = metadata.get("general.architecture", "")
+
+    def number(key: str) -> int | None:
+        value = metadata.get(f"{arch}.{key}")
+        return int(value) if value is not None and str(value).isdigit() else None
+
+    layers, heads, kv_heads, width = (number("block_count"), number("attention.head_count"),
+                                      number("attention.head_count_kv"), number("embedding_length"))
+    if not (available and layers and heads and width):
+        return 1 << 16
+    key = number("attention.key_length") or width // heads
+    value = number("attention.value_length") or width // heads
+    per_slot = layers * num_ctx * (kv_heads or heads) * (key + value) * 2
+    return max(1, int(available * KV_MEMORY_SHARE) // per_slot)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def gpu_layers(spec: LoadSpec, supports_gpu: bool) -> int:
     """num_gpu -1 means all layers when llama.cpp has a GPU backend; otherwise what was asked."""
     if not supports_gpu:
@@ -137,13 +175,32 @@ class _Runner:
         self.send_lock = threading.Lock()
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.engine: Any = None
-        if spec.batch_slots > 0 and not spec.adapter_paths and not spec.projector_path:
-            from server.batch_engine import BatchEngine
+        # Adapters and projectors are applied by llama-cpp-python's own path only.
+        if spec.batch_slots != 0 and spec.batch_slots != 1 and not spec.adapter_paths and not spec.projector_path:
+            self.engine = self._start_engine()
 
-            self.engine = BatchEngine(spec.model_path, n_ctx_per_slot=spec.num_ctx, slots=spec.batch_slots,
-                                      n_batch=spec.num_batch, n_threads=spec.num_thread,
-                                      n_gpu_layers=self.n_gpu_layers, flash_attn=spec.flash_attn,
-                                      use_mmap=spec.use_mmap if spec.use_mmap is not None else True)
+    def _start_engine(self) -> Any:
+        """The batch engine with as many slots as asked for (or the hardware allows), halving the
+        count while llama.cpp cannot make room for their KV caches; None if not even 2 fit."""
+        from server.batch_engine import BatchEngine
+
+        spec = self.spec
+        on_gpu = self.supports_gpu and self.n_gpu_layers != 0
+        slots = spec.batch_slots if spec.batch_slots > 1 else (4 if on_gpu else 2)
+        if spec.batch_slots == AUTO_SLOTS and not on_gpu:
+            slots = min(slots, kv_slots_that_fit(self.llm.metadata, spec.num_ctx, _available_memory()))
+        while slots >= 2:
+            try:
+                # A second context on the same weights: the model is in memory (and on the GPU) once.
+                return BatchEngine(spec.model_path, n_ctx_per_slot=spec.num_ctx, slots=slots, n_batch=spec.num_batch,
+                                   n_threads=spec.num_thread, flash_attn=spec.flash_attn, model=self.llm.model)
+            except ValueError:
+                slots //= 2
+        return None
+
+    @property
+    def slots(self) -> int:
+        return len(self.engine._slots) if self.engine is not None else 1  # noqa: SLF001
 
     # -- messaging ------------------------------------------------------------------------------
 
@@ -242,7 +299,8 @@ class _Runner:
         # Under cancel_lock a cancel either came first (seen here) or finds the job in the engine.
         with self.cancel_lock:
             self.engine.submit(job_id, tokens, message.get("options", {}),
-                               grammar._grammar if grammar is not None else None, on_piece, on_done, on_error)
+                               grammar._grammar if grammar is not None else None, on_piece, on_done, on_error,
+                               shift=message.get("shift", True) is not False)
             if job_id in self.cancelled:
                 self.engine.cancel(job_id)
 
@@ -491,6 +549,7 @@ def runner_main(conn: Connection, spec: LoadSpec) -> None:
         "eos_token": _token_text(llm, llm.token_eos()),
         "gpu": runner.supports_gpu and runner.n_gpu_layers != 0,
         "n_gpu_layers": runner.n_gpu_layers,
+        "slots": runner.slots,  # generations served at once (the scheduler admits this many)
         "pid": os.getpid(),
     })
     runner.serve()

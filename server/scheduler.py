@@ -163,9 +163,12 @@ class Scheduler:
         log.info("loading %s (num_ctx=%d, num_gpu=%d)", ref.name.display, ref.spec.num_ctx, ref.spec.num_gpu)
         await asyncio.to_thread(runner.start, self.load_timeout)
         elapsed = time.perf_counter_ns() - started
-        log.info("loaded %s in %.2fs (pid %s, gpu layers %s)", ref.name.display, elapsed / 1e9, runner.pid,
-                 runner.info.get("n_gpu_layers"))
-        loaded = Loaded(ref=ref, runner=runner, slots=asyncio.Semaphore(self.num_parallel),
+        log.info("loaded %s in %.2fs (pid %s, gpu layers %s, %s slot(s))", ref.name.display, elapsed / 1e9,
+                 runner.pid, runner.info.get("n_gpu_layers"), runner.info.get("slots", self.num_parallel))
+        # The runner says how many generations it serves at once (its batch slots, chosen by hardware
+        # unless BERTH_NUM_PARALLEL fixed them); that many requests hold a slot, the rest queue.
+        slots = int(runner.info.get("slots") or self.num_parallel)
+        loaded = Loaded(ref=ref, runner=runner, slots=asyncio.Semaphore(slots),
                         keep_alive=self.default_keep_alive if keep_alive is None else keep_alive,
                         load_duration_ns=elapsed)
         self._loaded[ref.digest] = loaded

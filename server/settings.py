@@ -45,13 +45,13 @@ class Settings:
     import_default_model: bool = True
     keep_alive: float = 300.0
     max_loaded_models: int = 3
-    num_parallel: int = 1
+    num_parallel: int = 0  # 0: by hardware (4 on a GPU, 2 on the CPU, fewer if their KV does not fit)
     max_queue: int = 512
     load_timeout: float = 300.0
     context_length: int = 4096
     origins: tuple[str, ...] = BUILTIN_ORIGINS
     no_auth: bool = False
-    batching: bool = False
+    batching: bool = True  # BERTH_BATCHING=0: one generation at a time per runner
     loopback_needs_key: bool = False
     flash_attention: bool = True  # BERTH_FLASH_ATTENTION=0 turns llama.cpp's flash attention off
     signing_key: Path | None = None  # BERTH_SIGNING_KEY: pushes are signed with it unless told not to
@@ -71,13 +71,13 @@ class Settings:
             import_default_model=not _flag(env.get("BERTH_NO_DEFAULT_MODEL")),
             keep_alive=parse_env_keep_alive(env.get("BERTH_KEEP_ALIVE")),
             max_loaded_models=_int(env, "BERTH_MAX_LOADED_MODELS", 3, minimum=1),
-            num_parallel=_int(env, "BERTH_NUM_PARALLEL", 1, minimum=1),
+            num_parallel=_int(env, "BERTH_NUM_PARALLEL", 0, minimum=0),
             max_queue=_int(env, "BERTH_MAX_QUEUE", 512, minimum=0),
             load_timeout=parse_env_keep_alive(env.get("BERTH_LOAD_TIMEOUT") or "5m"),
             context_length=_int(env, "BERTH_CONTEXT_LENGTH", 4096, minimum=4),
             origins=parse_origins(env.get("BERTH_ORIGINS")),
             no_auth=_flag(env.get("BERTH_NO_AUTH")),
-            batching=_flag(env.get("BERTH_BATCHING")),
+            batching=_flag(env.get("BERTH_BATCHING") or "1"),  # unset or empty: on
             loopback_needs_key=_flag(env.get("BERTH_LOOPBACK_AUTH")),
             flash_attention=_flag(env.get("BERTH_FLASH_ATTENTION") or "1"),  # unset or empty: on
             signing_key=_signing_key(env),

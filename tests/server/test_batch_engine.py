@@ -76,7 +76,8 @@ class Driver:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     next_id: int = 0
 
-    def submit(self, tokens: list[int], options: dict[str, Any], grammar: str | None = None) -> int:
+    def submit(self, tokens: list[int], options: dict[str, Any], grammar: str | None = None,
+               shift: bool = True) -> int:
         self.next_id += 1
         job_id = self.next_id
         outcome = self.outcomes[job_id] = Outcome()
@@ -90,7 +91,7 @@ class Driver:
         def error(exc: Exception) -> None:
             outcome.error = exc
 
-        self.engine.submit(job_id, tokens, options, grammar, piece, done, error)
+        self.engine.submit(job_id, tokens, options, grammar, piece, done, error, shift=shift)
         return job_id
 
     def run(self, max_steps: int = 10_000) -> None:
@@ -309,3 +310,17 @@ def test_run_forever_serves_submissions_from_other_threads(gguf_path: Path, llm:
         engine.stop()
         owner.join(30)
         engine.close()
+
+
+def test_a_full_slot_shifts_its_context_and_goes_on_unless_told_not_to(engine: BatchEngine, llm: Any) -> None:
+    tokens = tokens_of(llm, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,")
+    options = {"temperature": 0, "num_predict": SLOT_CTX + 100, "num_keep": 4}
+    driver = Driver(engine)
+    shifted, stopped = driver.submit(tokens, options), driver.submit(tokens, options, shift=False)
+    driver.run()
+    long, short = driver.outcomes[shifted].stats, driver.outcomes[stopped].stats
+    assert long is not None and short is not None
+    # Without a shift the answer ends where the slot is full; with one it runs to num_predict.
+    assert short["done_reason"] == "length" and len(tokens) + short["eval_count"] == engine.n_ctx_per_slot
+    assert long["done_reason"] == "length" and long["eval_count"] == SLOT_CTX + 100
+    assert_kv_matches_slots(engine)  # the shifted sequence's cache holds just its shorter window

@@ -1,4 +1,5 @@
-"""Opt-in continuous batching (BERTH_BATCHING=1) through a live server: concurrent streams share a runner."""
+"""Continuous batching (on by default; BERTH_NUM_PARALLEL sets the slots) through a live server:
+concurrent streams share a runner."""
 
 from __future__ import annotations
 

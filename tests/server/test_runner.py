@@ -40,3 +40,17 @@ def test_streaming_through_stop_holdback_equals_cutting_the_whole_text(pieces: l
     whole = "".join(pieces)
     cut = min((whole.find(s) for s in stops if s in whole), default=-1)
     assert emitted == (whole[:cut] if cut >= 0 else whole)
+
+
+def test_batch_slots_are_capped_by_the_memory_their_kv_caches_need() -> None:
+    from server.runner import kv_slots_that_fit
+
+    gemma = {"general.architecture": "gemma3", "gemma3.block_count": "18", "gemma3.attention.head_count": "4",
+             "gemma3.attention.head_count_kv": "1", "gemma3.attention.key_length": "256",
+             "gemma3.attention.value_length": "256", "gemma3.embedding_length": "640"}
+    per_slot = 18 * 4096 * 1 * (256 + 256) * 2  # f16 K and V for 4096 tokens
+    assert kv_slots_that_fit(gemma, 4096, 8 * per_slot) == 4  # half the memory: 4 slots
+    assert kv_slots_that_fit(gemma, 4096, per_slot) == 1  # never below one
+    assert kv_slots_that_fit(gemma, 8192, 8 * per_slot) == 2
+    assert kv_slots_that_fit({"general.architecture": "x"}, 4096, per_slot) > 4  # unknown: no cap
+    assert kv_slots_that_fit(gemma, 4096, None) > 4
