@@ -5,7 +5,8 @@
 - Loads happen one at a time, in arrival order. With `BERTH_MAX_LOADED_MODELS` runners up, the
   idle one whose keep-alive ends first is unloaded; if all are busy, the load waits for one.
 - After its last request a model stays for `keep_alive` (0: unload at once; negative: forever).
-- `BERTH_NUM_PARALLEL` requests run at once on a runner; the rest wait for a slot.
+- A runner serves as many requests at once as it has slots (`BERTH_NUM_PARALLEL`, else chosen
+  by hardware); the rest wait for a slot, in the same bounded queue.
 """
 
 from __future__ import annotations
@@ -79,7 +80,26 @@ class Lease:
         return self.loaded.runner
 
     async def __aenter__(self) -> "Lease":
-        await self.loaded.slots.acquire()
+        """Take a slot; when all are busy, wait in the queue, which BERTH_MAX_QUEUE bounds like the
+        load queue (Ollama lets these waiters pile up without limit: ollama#7758)."""
+        slots = self.loaded.slots
+        if not slots.locked():
+            await slots.acquire()
+            return self
+        scheduler = self.scheduler
+        if scheduler.queued() >= scheduler.max_queue:
+            self.release()
+            raise QueueFull()
+        scheduler._slot_waiting += 1
+        scheduler.metrics.queue_depth.set(scheduler.queued())
+        try:
+            await slots.acquire()
+        except BaseException:
+            self.release()
+            raise
+        finally:
+            scheduler._slot_waiting -= 1
+            scheduler.metrics.queue_depth.set(scheduler.queued())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -102,7 +122,8 @@ class Scheduler:
         self.default_keep_alive = default_keep_alive
         self.load_timeout = load_timeout
         self._loaded: dict[Digest, Loaded] = {}
-        self._waiting = 0
+        self._waiting = 0  # requests waiting for a model to load
+        self._slot_waiting = 0  # requests waiting for a loaded model's free slot
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
 
@@ -113,10 +134,10 @@ class Scheduler:
         lease = self._attach(ref, keep_alive)
         if lease is not None:
             return lease
-        if self._waiting >= self.max_queue:
+        if self.queued() >= self.max_queue:
             raise QueueFull()
         self._waiting += 1
-        self.metrics.queue_depth.set(self._waiting)
+        self.metrics.queue_depth.set(self.queued())
         try:
             async with self._load_lock:
                 lease = self._attach(ref, keep_alive)
@@ -129,7 +150,11 @@ class Scheduler:
                 return Lease(self, loaded, time.perf_counter_ns() - started)
         finally:
             self._waiting -= 1
-            self.metrics.queue_depth.set(self._waiting)
+            self.metrics.queue_depth.set(self.queued())
+
+    def queued(self) -> int:
+        """Requests waiting, for a load or for a slot: BERTH_MAX_QUEUE bounds them together."""
+        return self._waiting + self._slot_waiting
 
     def _attach(self, ref: ModelRef, keep_alive: float | None) -> Lease | None:
         loaded = self._loaded.get(ref.digest)

@@ -57,3 +57,45 @@ def test_json_format_and_a_disconnect_in_batched_mode(batching_server: BerthServ
     assert answer["response"].lstrip().startswith("{")
     if answer["done_reason"] == "stop":
         json.loads(answer["response"])
+
+
+def test_a_burst_beyond_the_queue_gets_503s_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "models", tmp_path / "server.log",
+                          {"BERTH_NUM_PARALLEL": "2", "BERTH_MAX_QUEUE": "10", "BERTH_KEEP_ALIVE": "-1"})
+    try:
+        body = {"model": "gemma3:270m", "prompt": "Count to ten:", "raw": True, "stream": False,
+                "options": {"num_predict": 16, "temperature": 0}}
+        assert httpx.post(server.url + "/api/generate", json=body, timeout=120).status_code == 200  # loaded
+        rss_before = _rss_kib(server.process.pid)
+        answers: list[httpx.Response] = []
+        lock = threading.Lock()
+
+        def client() -> None:
+            reply = httpx.post(server.url + "/api/generate", json=body, timeout=300)
+            with lock:
+                answers.append(reply)
+
+        clients = [threading.Thread(target=client) for _ in range(100)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) <= {200, 503}
+        # 2 running + 10 waiting at any moment: most of a burst of 100 is turned away at once ...
+        assert statuses.count(503) >= 50 and statuses.count(200) >= 12
+        assert all(a.json() == {"error": "server busy, please try again.  maximum pending requests exceeded"}
+                   for a in answers if a.status_code == 503)
+        assert all(a.json()["done"] and a.json()["eval_count"] > 0 for a in answers if a.status_code == 200)
+        # ... nothing piles up, and the server goes on serving.
+        assert _rss_kib(server.process.pid) < rss_before + 100 * 1024
+        assert httpx.post(server.url + "/api/generate", json=body, timeout=120).status_code == 200
+    finally:
+        server.stop()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
