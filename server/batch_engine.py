@@ -24,8 +24,9 @@ callback run on the one thread that owns the context (llama.cpp contexts are not
 from __future__ import annotations
 
 import codecs
-import logging
 import ctypes
+import logging
+import math
 import os
 import random
 import threading
@@ -139,6 +140,8 @@ class BatchEngine:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(slots)]
         self._piece_buffer = ctypes.create_string_buffer(64)
+        self._candidates: Any = None  # token data for sampling with a grammar, made on first use
+        self._candidate_view: Any = None
         # Shared with submitting threads: guarded by _lock; _wake tells the owner thread.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -372,7 +375,14 @@ class BatchEngine:
         job = slot.job
         assert job is not None
         options = job.options
-        token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_index)
+        if job.grammar:
+            token = self._sample_constrained(slot)
+            if token is None:
+                self._fail(slot, InputError(
+                    "the output can no longer match the requested format: its grammar allows no next token"))
+                return
+        else:
+            token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.batch_index)
         if not slot.generated:
             slot.first_token_ns = time.perf_counter_ns()
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
@@ -405,6 +415,43 @@ class BatchEngine:
         self._drop_kv(slot)
         slot.to_prefill = window
         slot.next_token = None
+
+    def _sample_constrained(self, slot: _Slot) -> int | None:
+        """`llama_sampler_sample` in steps, for a chain with a grammar: when the grammar rejects
+        every token, llama.cpp would pick one anyway and then throw from `accept`, a C++ exception
+        that ends the whole runner; here that sequence alone ends with an error instead."""
+        import numpy as np
+
+        llama_cpp = self._llama
+        if self._candidates is None:
+            self._candidates = (llama_cpp.llama_token_data * self._n_vocab)()
+            fields = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._candidate_view = np.frombuffer(self._candidates, dtype=fields)
+        view = self._candidate_view
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, slot.batch_index),
+                                       shape=(self._n_vocab,))
+        view["id"] = np.arange(self._n_vocab, dtype=np.int32)  # samplers reorder the array in place
+        view["logit"] = logits
+        view["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=ctypes.cast(self._candidates, llama_cpp.llama_token_data_p), size=self._n_vocab, selected=-1,
+            sorted=False)
+        llama_cpp.llama_sampler_apply(slot.sampler, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return None
+        chosen = array.data[array.selected]
+        if not math.isfinite(chosen.logit):
+            return None  # every candidate was ruled out
+        llama_cpp.llama_sampler_accept(slot.sampler, chosen.id)
+        return int(chosen.id)
+
+    def _fail(self, slot: _Slot, error: Exception) -> None:
+        """End one sequence with an error; the others go on."""
+        job = slot.job
+        assert job is not None
+        self._drop_kv(slot)
+        self._release(slot)
+        _notify(job.on_error, error)
 
     def _piece(self, token: int) -> bytes:
         """The token's bytes, as `Llama.detokenize([token])` gives them (special tokens hidden)."""

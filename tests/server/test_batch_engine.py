@@ -324,3 +324,15 @@ def test_a_full_slot_shifts_its_context_and_goes_on_unless_told_not_to(engine: B
     assert short["done_reason"] == "length" and len(tokens) + short["eval_count"] == engine.n_ctx_per_slot
     assert long["done_reason"] == "length" and long["eval_count"] == SLOT_CTX + 100
     assert_kv_matches_slots(engine)  # the shifted sequence's cache holds just its shorter window
+
+
+def test_a_grammar_that_cannot_be_satisfied_ends_only_its_own_sequence(engine: BatchEngine, llm: Any) -> None:
+    driver = Driver(engine)
+    # Parses, but no token's text is two NUL characters: every candidate is ruled out at once.
+    dead = driver.submit(tokens_of(llm, PROMPTS[0]), GREEDY, grammar='root ::= "\\x00\\x00"')
+    alive = driver.submit(tokens_of(llm, PROMPTS[1]), GREEDY)
+    driver.run()
+    error = driver.outcomes[dead].error
+    assert isinstance(error, InputError) and "can no longer match the requested format" in str(error)
+    assert len(driver.outcomes[alive].generated) == 24
+    assert_kv_matches_slots(engine)
