@@ -58,6 +58,9 @@ class _Job:
     on_done: DoneCallback
     on_error: ErrorCallback
     shift: bool = True  # at a full context, drop older tokens (keeping num_keep) and go on
+    # With images: the rendered prompt (its `[img-N]` tags name them), evaluated through the projector.
+    text: str = ""
+    images: tuple[bytes, ...] = ()
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -86,9 +89,10 @@ class BatchEngine:
     def __init__(self, model_path: str, n_ctx_per_slot: int, slots: int, n_batch: int = 512,
                  n_threads: int = 0, n_gpu_layers: int = 0, use_mmap: bool = True,
                  flash_attn: bool = True, kv_unified: bool = False, repack_weights: bool = True,
-                 model: Any = None) -> None:
+                 model: Any = None, projector: Any = None) -> None:
         """`model`: an already loaded `llama_model *` to add a context to (the runner's, so the
-        weights are in memory once); it stays its owner's. Otherwise `model_path` is loaded."""
+        weights are in memory once); it stays its owner's. Otherwise `model_path` is loaded.
+        `projector`: a server.vision.Projector on that model, for requests with images."""
         import llama_cpp
 
         if slots < 1:
@@ -96,6 +100,7 @@ class BatchEngine:
         if n_batch < slots:
             raise ValueError(f"n_batch ({n_batch}) must hold one token per slot ({slots})")
         self._llama = llama_cpp
+        self._projector = projector
         llama_cpp.llama_backend_init()
         self._owns_model = model is None
         if model is None:
@@ -153,11 +158,13 @@ class BatchEngine:
 
     def submit(self, job_id: int, prompt_tokens: Sequence[int], options: Mapping[str, Any],
                grammar_text: str | None, on_piece: PieceCallback, on_done: DoneCallback,
-               on_error: ErrorCallback, shift: bool = True) -> None:
+               on_error: ErrorCallback, shift: bool = True, text: str = "",
+               images: Sequence[bytes] = ()) -> None:
         """Queue a generation. Callbacks run on the engine thread: `on_piece(text)` zero or more
-        times, then exactly one of `on_done(stats)` or `on_error(exc)` (InputError = bad request)."""
+        times, then exactly one of `on_done(stats)` or `on_error(exc)` (InputError = bad request).
+        With `images`, `text` (the rendered prompt) is what is evaluated, through the projector."""
         job = _Job(job_id, list(prompt_tokens), SamplingOptions.from_options(options), grammar_text,
-                   on_piece, on_done, on_error, shift)
+                   on_piece, on_done, on_error, shift, text, tuple(images))
         with self._wake:
             self._waiting.append(job)
             self._wake.notify()
@@ -273,7 +280,12 @@ class BatchEngine:
             raise InputError(
                 f"the prompt is {len(job.prompt)} tokens, which does not fit the context of "
                 f"{self.n_ctx_per_slot}; raise num_ctx or shorten the prompt")
+        if job.images and self._projector is None:
+            raise InputError("this model has no vision projector, so it cannot read images")
         sampler = self._build_sampler(job.options, job.grammar)
+        if job.images:
+            self._start_with_images(job, free[0], sampler)
+            return
         # The free slot whose cached tokens share the longest prefix: a continuing chat lands
         # where its history already is.
         slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
@@ -290,6 +302,34 @@ class BatchEngine:
         slot.pending_text = ""
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
+
+    def _start_with_images(self, job: _Job, slot: _Slot, sampler: Any) -> None:
+        """Text and images go in through the projector, in one go and outside the shared batch
+        (libmtmd decodes them itself); the first token is sampled at once and the sequence then
+        joins the batched decoding like any other."""
+        self._drop_kv(slot)
+        try:
+            positions = self._projector.prefill(self._ctx, job.text, job.images, slot.seq_id, self.n_batch,
+                                                self.n_ctx_per_slot)
+        except BaseException:
+            self._llama.llama_sampler_free(sampler)
+            self._drop_kv(slot)
+            raise
+        slot.job = job
+        slot.sampler = sampler
+        # Placeholders, one per position: no later prompt's tokens match them, so nothing reuses a
+        # prefix that runs into an image.
+        slot.cached = [-1] * positions
+        slot.to_prefill = []
+        slot.prompt_eval_count = positions
+        slot.next_token = None
+        slot.generated = []
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.pending_text = ""
+        slot.started_ns = time.perf_counter_ns()
+        slot.first_token_ns = slot.started_ns
+        slot.batch_index = -1  # the projector's last evaluation left the logits of the last position
+        self._sample(slot)
 
     def _reusable_prefix(self, slot: _Slot, prompt: list[int]) -> int:
         """How many leading prompt tokens the slot's KV already holds; drops the rest of its KV."""
@@ -399,8 +439,9 @@ class BatchEngine:
         elif 0 <= options.num_predict <= len(slot.generated):
             self._finish(slot, "length")
         elif len(slot.cached) + 1 >= self.n_ctx_per_slot:
-            # The next token would not fit this slot's context.
-            if job.shift:
+            # The next token would not fit this slot's context. (A window with images cannot be
+            # evaluated again from tokens, so such a sequence stops instead of shifting.)
+            if job.shift and not job.images:
                 self._shift(slot, token)
             else:
                 self._finish(slot, "length")

@@ -175,27 +175,42 @@ class _Runner:
         self.send_lock = threading.Lock()
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.engine: Any = None
-        # Adapters and projectors are applied by llama-cpp-python's own path only.
-        if spec.batch_slots != 0 and spec.batch_slots != 1 and not spec.adapter_paths and not spec.projector_path:
-            self.engine = self._start_engine()
+        self.projector: Any = None
+        on_gpu = self.supports_gpu and self.n_gpu_layers != 0
+        if spec.projector_path:
+            from server.vision import Projector
 
-    def _start_engine(self) -> Any:
+            self.projector = Projector(spec.projector_path, self.llm.model, use_gpu=on_gpu,
+                                       n_threads=spec.num_thread)
+        # Adapters are applied by llama-cpp-python's own path only. Images go through the batch
+        # engine, so a model with a projector always has one (a single slot when batching is off).
+        batching = spec.batch_slots not in (0, 1)
+        if not spec.adapter_paths and (batching or self.projector is not None):
+            self.engine = self._start_engine(on_gpu, minimum=2 if batching else 1)
+
+    def _start_engine(self, on_gpu: bool, minimum: int) -> Any:
         """The batch engine with as many slots as asked for (or the hardware allows), halving the
-        count while llama.cpp cannot make room for their KV caches; None if not even 2 fit."""
+        count while llama.cpp cannot make room for their KV caches; None if not even `minimum` fit."""
         from server.batch_engine import BatchEngine
 
         spec = self.spec
-        on_gpu = self.supports_gpu and self.n_gpu_layers != 0
         slots = spec.batch_slots if spec.batch_slots > 1 else (4 if on_gpu else 2)
+        if minimum == 1 and spec.batch_slots in (0, 1):
+            slots = 1
         if spec.batch_slots == AUTO_SLOTS and not on_gpu:
             slots = min(slots, kv_slots_that_fit(self.llm.metadata, spec.num_ctx, _available_memory()))
-        while slots >= 2:
+        while slots >= minimum:
             try:
                 # A second context on the same weights: the model is in memory (and on the GPU) once.
                 return BatchEngine(spec.model_path, n_ctx_per_slot=spec.num_ctx, slots=slots, n_batch=spec.num_batch,
-                                   n_threads=spec.num_thread, flash_attn=spec.flash_attn, model=self.llm.model)
+                                   n_threads=spec.num_thread, flash_attn=spec.flash_attn, model=self.llm.model,
+                                   projector=self.projector)
             except ValueError:
-                slots //= 2
+                if slots <= minimum:
+                    if self.projector is not None:
+                        raise  # images cannot be read without it: the load fails with the reason
+                    return None  # generations go one at a time instead
+                slots = max(minimum, slots // 2)
         return None
 
     @property
@@ -241,8 +256,10 @@ class _Runner:
             threading.Thread(target=self.engine.run_forever, name="batch-engine", daemon=True).start()
         while (message := self.jobs.get()) is not None:
             job_id = message.get("id", -1)
-            # The batch engine has no logprobs; such a request takes the one-at-a-time path.
-            if message.get("op") == "generate" and self.engine is not None and message.get("logprobs") is None:
+            # The batch engine has no logprobs; such a request takes the one-at-a-time path, unless it
+            # has images, which only the engine reads.
+            if message.get("op") == "generate" and self.engine is not None and (
+                    message.get("logprobs") is None or message.get("images")):
                 self.submit_batched(message)
                 continue
             try:
@@ -300,7 +317,8 @@ class _Runner:
         with self.cancel_lock:
             self.engine.submit(job_id, tokens, message.get("options", {}),
                                grammar._grammar if grammar is not None else None, on_piece, on_done, on_error,
-                               shift=message.get("shift", True) is not False)
+                               shift=message.get("shift", True) is not False, text=message.get("prompt", ""),
+                               images=message.get("images") or ())
             if job_id in self.cancelled:
                 self.engine.cancel(job_id)
 
@@ -311,6 +329,8 @@ class _Runner:
         llm = self.llm
         job_id: int = message["id"]
         opts: dict[str, Any] = message.get("options", {})
+        if message.get("images"):
+            raise InputError("images cannot be read by this runner (a model with an adapter layer reads text only)")
         if message.get("tokens") is not None:
             tokens = list(message["tokens"])
         else:
@@ -548,6 +568,7 @@ def runner_main(conn: Connection, spec: LoadSpec) -> None:
         "bos_token": _token_text(llm, llm.token_bos()),
         "eos_token": _token_text(llm, llm.token_eos()),
         "gpu": runner.supports_gpu and runner.n_gpu_layers != 0,
+        "vision": runner.projector is not None,
         "n_gpu_layers": runner.n_gpu_layers,
         "slots": runner.slots,  # generations served at once (the scheduler admits this many)
         "pid": os.getpid(),
