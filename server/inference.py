@@ -24,7 +24,7 @@ from server import jinja_prompt
 from server import prompt as prompts
 from server import tools as tool_calls
 from server.models import ModelView, view
-from server.runner import AUTO_SLOTS, LoadSpec
+from server.runner import AUTO_SLOTS, LoadSpec, take_logprobs
 from server.scheduler import Lease, ModelRef, Scheduler
 from server.settings import Settings
 
@@ -94,14 +94,6 @@ def debug_render(model: str, key: str, empty: Any, rendered: str, images: int) -
 
 def _logprobs_of(message: dict[str, Any]) -> dict[str, Any]:
     return {"logprobs": message["logprobs"]} if message.get("logprobs") else {}
-
-
-def _take(logprobs: list[dict[str, Any]]) -> dict[str, Any]:
-    if not logprobs:
-        return {}
-    taken = list(logprobs)
-    logprobs.clear()
-    return {"logprobs": taken}
 
 
 def metrics(done: dict[str, Any], started_ns: int, load_ns: int) -> dict[str, Any]:
@@ -429,14 +421,14 @@ class Generation:
                 logprobs.extend(message.get("logprobs", ()))
                 content, calls = parser.feed(message["text"]) if parser else (message["text"], [])
                 if content or calls:
-                    yield {**chunk(content, calls), **_take(logprobs)}
+                    yield {**chunk(content, calls), **take_logprobs(logprobs)}
             elif message["type"] == "done":
                 self.inference.scheduler.metrics.generation(name, message, first_token)
                 if parser:
                     content, calls = parser.finish()
                     if content or calls:
-                        yield {**chunk(content, calls), **_take(logprobs)}
-                final = {**chunk("", []), **_take(logprobs)}
+                        yield {**chunk(content, calls), **take_logprobs(logprobs)}
+                final = {**chunk("", []), **take_logprobs(logprobs)}
                 final.update(done=True, done_reason=message["done_reason"])
                 final.update(metrics(message, started, lease.load_duration_ns))
                 yield final

@@ -397,7 +397,7 @@ class _Runner:
                     pending += decoder.decode(piece)
                     emit, pending, hit = _split_at_stop(pending, stops)
                     if emit:
-                        self.send({"id": job_id, "type": "token", "text": emit, **_take(logprobs)})
+                        self.send({"id": job_id, "type": "token", "text": emit, **take_logprobs(logprobs)})
                     if hit:
                         pending = ""
                         logprobs.clear()  # the stop string's tokens are not part of the answer
@@ -417,7 +417,7 @@ class _Runner:
         finished = time.perf_counter_ns()
         tail = pending + decoder.decode(b"", final=True)
         if (tail or logprobs) and reason != "cancel":
-            self.send({"id": job_id, "type": "token", "text": tail, **_take(logprobs)})
+            self.send({"id": job_id, "type": "token", "text": tail, **take_logprobs(logprobs)})
         perf = llama_cpp.llama_perf_context(llm.ctx)
         self.send({
             "id": job_id,
@@ -507,7 +507,7 @@ class _Runner:
         return self.embedder
 
 
-def _take(logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+def take_logprobs(logprobs: list[dict[str, Any]]) -> dict[str, Any]:
     """`{"logprobs": [...]}` with the entries gathered so far (emptying the list), or nothing."""
     if not logprobs:
         return {}

@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -33,6 +32,7 @@ from registry.oci import RegistryClient, RegistryError, RegistryNotFound, Regist
 from registry.pull import BlobDigestMismatch, PullCancelled, Puller, SharedDownloads, partial_path
 from registry.push import Pusher
 from registry.rate import RateLimiter, parse_rate
+from tests.fake_http import LoopbackServer, QuietHandler
 from tests.registry_fixture import LocalRegistry, make_model
 
 MiB = 1024 * 1024
@@ -64,25 +64,12 @@ class HostileRegistry:
         self.behaviour = Behaviour()
         behaviour_of = lambda: self.behaviour  # noqa: E731
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_HEAD(self) -> None:
                 self._handle(head=True)
 
             def do_GET(self) -> None:
                 self._handle(head=False)
-
-            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
             def _handle(self, head: bool) -> None:
                 b = behaviour_of()
@@ -158,12 +145,8 @@ class HostileRegistry:
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.host = f"127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LoopbackServer(Handler)
+        self.port, self.host = self.http.port, self.http.host
 
     def serve_model(self, weights: bytes, *, digest_override: str | None = None) -> str:
         """Publish a model whose manifest names `weights`; returns the weights digest."""
@@ -178,8 +161,7 @@ class HostileRegistry:
         return f"sha256:{wd}"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
@@ -487,12 +469,7 @@ class ForwardProxy:
         seen: list[tuple[str, str]] = []
         self.seen = seen
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 self._forward()
 
@@ -518,14 +495,11 @@ class ForwardProxy:
                     self.wfile.write(body)
                 upstream.close()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LoopbackServer(Handler)
+        self.url = self.http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture

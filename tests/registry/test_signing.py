@@ -9,9 +9,7 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qsl, urlsplit
@@ -34,6 +32,7 @@ from registry.push import Pusher
 from registry.signing import SIGNATURE_TYPE, Signatures, key_id, payload_for, signature_tag
 from registry.trust import TrustMode, TrustPolicy, UntrustedModel
 from registry.user_key import UserKey, load_or_create_key
+from tests.fake_http import LoopbackServer, QuietHandler
 from tests.registry_fixture import LocalRegistry, make_model
 
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.05)
@@ -51,21 +50,7 @@ class OllamaStyleRegistry:
         self.manifest = b""
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if self.path.startswith("/token"):
                     verdict = outer.verify(self.command, f"http://{self.headers['Host']}{self.path}",
@@ -96,10 +81,8 @@ class OllamaStyleRegistry:
 
             do_HEAD = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LoopbackServer(Handler)
+        self.host = self.http.host
 
     def verify(self, method: str, url: str, authorization: str) -> str:
         """Check a token request exactly as spec §6 describes the signature; returns "ok" or why not."""
@@ -133,8 +116,7 @@ class OllamaStyleRegistry:
         return Digest(wd)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
@@ -350,21 +332,7 @@ class FakeReferrersRegistry:
         self.uploads: dict[str, bytearray] = {}
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
+        class Handler(QuietHandler):
             def _body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
@@ -438,14 +406,11 @@ class FakeReferrersRegistry:
                     headers["OCI-Subject"] = subject["digest"]
                 self._send(201, b"", headers)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.http = LoopbackServer(Handler)
+        self.host = self.http.host
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 def test_signatures_go_through_the_referrers_api_where_a_registry_has_it(library: Library, tmp_path: Path) -> None:
