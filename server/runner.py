@@ -356,7 +356,9 @@ class _Runner:
         pending = ""  # decoded text held back because it may be the start of a stop string
         top_n: int | None = message.get("logprobs")  # None: no logprobs; else alternatives per token
         logprobs: list[dict[str, Any]] = []  # of tokens whose text has not been sent yet
-        shift = message.get("shift", True) is not False
+        # A shift restarts `Llama.generate`, which would restart a grammar from its first rule too: a
+        # constrained answer stops at a full context instead (the batch engine keeps the grammar going).
+        shift = message.get("shift", True) is not False and grammar is None
         stats = _Stats()
         llama_cpp.llama_perf_context_reset(llm.ctx)
         started = time.perf_counter_ns()
