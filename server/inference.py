@@ -356,8 +356,9 @@ class Generation:
         messages = prompts.generate_messages(model, request.prompt, request.system, request.images,
                                              use_history=not request.context)
         if request.template is None and (gguf_template := self._gguf_template(resolved, lease)):
-            text = await self._render_gguf(gguf_template, messages, lease, None, request.truncate)
-            images: tuple[bytes, ...] = ()
+            # The GGUF's Jinja template sees the images as their `[img-N]` tags, as a Go template does.
+            tagged, images = prompts.tag_images(messages)
+            text = await self._render_gguf(gguf_template, tagged, lease, None, request.truncate)
         else:
             template = request.template or resolved.template
             if request.truncate and not request.template:
@@ -388,8 +389,9 @@ class Generation:
             messages = prompts.chat_messages(resolved.prompt_model(), list(request.messages))
             tools = list(request.tools) or None
             if gguf_template := self._gguf_template(resolved, lease):
+                tagged, images = prompts.tag_images(messages)
                 rendered = prompts.RenderedPrompt(
-                    await self._render_gguf(gguf_template, messages, lease, tools, request.truncate))
+                    await self._render_gguf(gguf_template, tagged, lease, tools, request.truncate), images)
             else:
                 if request.truncate:
                     messages = await self._fit(resolved.template, messages, lease, resolved, tools)

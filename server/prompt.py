@@ -38,6 +38,7 @@ __all__ = [
     "generate_messages",
     "render_chat",
     "render_suffix",
+    "tag_images",
 ]
 
 IMAGE_TOKENS = 768  # what Ollama charges per image of a vision model when fitting num_ctx
@@ -175,7 +176,7 @@ def _collate(messages: Iterable[ChatMessage]) -> tuple[str, list[ChatMessage]]:
     return "\n\n".join(systems), collated
 
 
-def _tag_images(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], tuple[bytes, ...]]:
+def tag_images(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], tuple[bytes, ...]]:
     """Spec §6.5: each image gets the tag `[img-N]`, N counting across the messages. A tag
     replaces the first `[img]` placeholder left in the text, or else joins the tags prefixed
     to it, with no separator."""
@@ -257,7 +258,7 @@ def render_chat(
     (§6.5). `tools` is the request's JSON list; `think` the request's setting. Raises
     PromptError for a template that does not parse or execute, InvalidInput for bad tools."""
     renderer = _Renderer.prepare(template_text, tools, think)
-    tagged, images = _tag_images(messages)
+    tagged, images = tag_images(messages)
     return RenderedPrompt(renderer.render(tagged), images)
 
 

@@ -101,3 +101,21 @@ def test_image_tags_become_markers_in_order_and_untagged_images_go_first() -> No
     assert with_markers("[img-1] and [img-0] ok", 2, "<M>") == ("<M> and <M> ok", [1, 0])
     assert with_markers("no tags", 2, "<M>") == ("<M><M>no tags", [0, 1])
     assert with_markers("[img-0][img-7]", 1, "<M>") == ("<M>[img-7]", [0])  # not an image of this request
+
+
+def test_a_model_without_a_template_layer_reads_images_through_its_gguf_template(
+        server: BerthServer, http: httpx.Client, tmp_path: Path) -> None:
+    weights = max((server.models_dir / "blobs").iterdir(), key=lambda p: p.stat().st_size)  # the Gemma GGUF
+    write_fake_projector(tmp_path / "mmproj.gguf", text_width=640)
+    (tmp_path / "Modelfile").write_text(f"FROM {weights}\nFROM ./mmproj.gguf\n")
+    made = subprocess.run([berth_executable(), "create", "vision-test/jinja-eyes", "-f", str(tmp_path / "Modelfile")],
+                          env=server.env(), capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert http.post("/api/show", json={"model": "vision-test/jinja-eyes"}).json().get("template", "") == ""
+
+    def positions(images: list[bytes]) -> int:
+        body = {"model": "vision-test/jinja-eyes", "stream": False, "options": GREEDY, "messages": [
+            {"role": "user", "content": f"Look {len(images)}", "images": [base64.b64encode(i).decode() for i in images]}]}
+        return int(http.post("/api/chat", json=body, timeout=120).json()["prompt_eval_count"])
+
+    assert positions([png(64, 64)]) - positions([]) == TOKENS_PER_IMAGE
