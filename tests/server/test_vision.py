@@ -119,3 +119,22 @@ def test_a_model_without_a_template_layer_reads_images_through_its_gguf_template
         return int(http.post("/api/chat", json=body, timeout=120).json()["prompt_eval_count"])
 
     assert positions([png(64, 64)]) - positions([]) == TOKENS_PER_IMAGE
+
+
+def test_openai_image_url_parts_reach_the_projector(vision_model: str, server: BerthServer) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    data_url = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
+
+    def prompt_tokens(parts: list[dict[str, object]]) -> int:
+        reply = client.chat.completions.create(model=vision_model, max_tokens=2, temperature=0,
+                                               messages=[{"role": "user", "content": parts}])  # type: ignore[list-item]
+        assert reply.usage is not None
+        return reply.usage.prompt_tokens
+
+    text_only = prompt_tokens([{"type": "text", "text": "What is this?"}])
+    with_image = prompt_tokens([{"type": "text", "text": "What is this?"},
+                                {"type": "image_url", "image_url": {"url": data_url}}])
+    # The image's 16 positions, and perhaps a text token split differently around its marker.
+    assert TOKENS_PER_IMAGE <= with_image - text_only <= TOKENS_PER_IMAGE + 2
