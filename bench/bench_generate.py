@@ -23,6 +23,10 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.runner import physical_cores  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 NUM_CTX = 4096
@@ -32,8 +36,9 @@ RAW = textwrap.dedent(
     """
     import json, sys, time
     import llama_cpp
-    path, prompt, tokens, repeat, n_ctx, n_batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, flash_attn=True, verbose=False)  # as Berth runs it
+    path, prompt, tokens, repeat, n_ctx, n_batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads,
+                          flash_attn=True, verbose=False)  # as Berth runs it
     runs = []  # like Berth's runner, generate() reuses the cached prompt prefix between runs
     for i in range(repeat + 1):
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
@@ -78,10 +83,10 @@ def start_server(models: Path) -> tuple[subprocess.Popen[bytes], str, float]:
             raise SystemExit("berth serve did not start")
 
 
-def berth_run(http: httpx.Client, tokens: int) -> dict[str, float]:
+def berth_run(http: httpx.Client, tokens: int, threads: int) -> dict[str, float]:
     body = {"model": "gemma3:270m", "prompt": PROMPT, "raw": True, "stream": True,
             "options": {"temperature": 0, "num_predict": tokens, "num_ctx": NUM_CTX, "num_batch": NUM_BATCH,
-                        "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0}}
+                        "num_thread": threads, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0}}
     start = time.perf_counter()
     first = None
     final: dict[str, float] = {}
@@ -102,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=physical_cores(),
+                        help="for both sides (default: Berth's own default, the physical cores)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
@@ -113,12 +120,12 @@ def main() -> None:
             blob = max((models / "blobs").iterdir(), key=lambda p: p.stat().st_size)
             raw_runs = json.loads(subprocess.run(
                 [sys.executable, "-c", RAW, str(blob), PROMPT, str(args.tokens), str(args.repeat), str(NUM_CTX),
-                 str(NUM_BATCH)], check=True, capture_output=True, text=True).stdout)
+                 str(NUM_BATCH), str(args.threads)], check=True, capture_output=True, text=True).stdout)
             # One client for all requests, as the ollama and openai clients keep theirs: creating an
             # httpx client per request costs ~20 ms of its own (SSL context) and is not Berth's time.
             with httpx.Client(base_url=url, timeout=300) as http:
-                berth_run(http, args.tokens)  # load the model and warm up
-                berth_runs = [berth_run(http, args.tokens) for _ in range(args.repeat)]
+                berth_run(http, args.tokens, args.threads)  # load the model and warm up
+                berth_runs = [berth_run(http, args.tokens, args.threads) for _ in range(args.repeat)]
         finally:
             proc.terminate()
             proc.wait()
@@ -126,7 +133,8 @@ def main() -> None:
     berth_tps = statistics.median(r["decode_tps"] for r in berth_runs)
     raw_ttft = statistics.median(r["ttft"] for r in raw_runs) * 1000
     berth_ttft = statistics.median(r["ttft"] for r in berth_runs) * 1000
-    print(f"model: gemma3:270m, {args.tokens} tokens, greedy, num_ctx {NUM_CTX}, median of {args.repeat}")
+    print(f"model: gemma3:270m, {args.tokens} tokens, greedy, num_ctx {NUM_CTX}, {args.threads} threads, "
+          f"median of {args.repeat}")
     print(f"raw llama-cpp-python decode: {raw_tps:.1f} tok/s   time to first token: {raw_ttft:.1f} ms")
     print(f"berth /api/generate decode:  {berth_tps:.1f} tok/s   time to first token: {berth_ttft:.1f} ms")
     print(f"decode ratio berth/raw: {berth_tps / raw_tps:.3f}")

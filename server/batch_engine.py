@@ -27,7 +27,6 @@ import codecs
 import ctypes
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -35,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from server.runner import InputError, SamplingOptions, _shifted, _split_at_stop
+from server.runner import InputError, SamplingOptions, _shifted, _split_at_stop, physical_cores
 
 log = logging.getLogger("berth.batch_engine")
 
@@ -123,10 +122,10 @@ class BatchEngine:
         ctx_params.n_seq_max = slots
         # Default: one KV stream per sequence, so each gets exactly n_ctx_per_slot cells of its own.
         ctx_params.kv_unified = kv_unified
-        cpus = os.cpu_count() or 1
-        # Same defaults as `Llama`, so a runner with num_thread unset behaves the same either way.
-        ctx_params.n_threads = n_threads if n_threads > 0 else max(cpus // 2, 1)
-        ctx_params.n_threads_batch = n_threads if n_threads > 0 else cpus
+        # The runner passes the thread count its `Llama` uses, so both paths run alike.
+        threads = n_threads if n_threads > 0 else physical_cores()
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
         ctx_params.no_perf = False
         # The unbatched runner passes the same flag to `Llama`, so both paths give equal output.
         ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn

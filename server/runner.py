@@ -125,6 +125,21 @@ def kv_slots_that_fit(metadata: Mapping[str, str], num_ctx: int, available: int 
     return max(1, int(available * KV_MEMORY_SHARE) // per_slot)
 
 
+def physical_cores() -> int:
+    """The cores this process may run on, hyperthread siblings counted once: the default thread
+    count, as Ollama's (llama-cpp-python's own default, half the logical CPUs, leaves half of a
+    machine without hyperthreads idle)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 def _available_memory() -> int | None:
     """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
     try:
@@ -154,7 +169,8 @@ class _Runner:
         self.llama_cpp = llama_cpp
         self.supports_gpu = bool(llama_cpp.llama_supports_gpu_offload())
         self.n_gpu_layers = gpu_layers(spec, self.supports_gpu)
-        threads = spec.num_thread if spec.num_thread > 0 else None
+        threads = spec.num_thread if spec.num_thread > 0 else physical_cores()
+        self.threads = threads
         self.llm = llama_cpp.Llama(
             model_path=spec.model_path,
             n_ctx=spec.num_ctx,
@@ -181,7 +197,7 @@ class _Runner:
             from server.vision import Projector
 
             self.projector = Projector(spec.projector_path, self.llm.model, use_gpu=on_gpu,
-                                       n_threads=spec.num_thread)
+                                       n_threads=threads)
         # Adapters are applied by llama-cpp-python's own path only. Images go through the batch
         # engine, so a model with a projector always has one (a single slot when batching is off).
         batching = spec.batch_slots not in (0, 1)
@@ -203,7 +219,7 @@ class _Runner:
             try:
                 # A second context on the same weights: the model is in memory (and on the GPU) once.
                 return BatchEngine(spec.model_path, n_ctx_per_slot=spec.num_ctx, slots=slots, n_batch=spec.num_batch,
-                                   n_threads=spec.num_thread, flash_attn=spec.flash_attn, model=self.llm.model,
+                                   n_threads=self.threads, flash_attn=spec.flash_attn, model=self.llm.model,
                                    projector=self.projector)
             except ValueError:
                 if slots <= minimum:
@@ -501,7 +517,7 @@ class _Runner:
                 n_batch=self.spec.num_ctx,
                 n_ubatch=self.spec.num_ctx,
                 n_gpu_layers=self.n_gpu_layers,
-                n_threads=self.spec.num_thread or None,
+                n_threads=self.threads,
                 embedding=True,
                 pooling_type=pooling,
                 verbose=False,
@@ -555,7 +571,9 @@ def _token_text(llm: Any, token: int) -> str:
 
 def runner_main(conn: Connection, spec: LoadSpec) -> None:
     """Entry point of the runner process."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's own default (spin briefly at a barrier, then sleep) is kept on purpose: PASSIVE
+    # (sleep at once) made two-thread decoding on two cores ~45% slower once the API server and
+    # its clients woke up between tokens; ACTIVE (spin for ever) burns a core while idle.
     try:
         runner = _Runner(conn, spec)
     except Exception as exc:  # noqa: BLE001 - report any load failure to the parent
