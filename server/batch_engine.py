@@ -191,8 +191,9 @@ class BatchEngine:
     def active_jobs(self) -> int:
         return sum(slot.job is not None for slot in self._slots)
 
-    def run_forever(self, idle_wait: float = 0.5) -> None:
-        """Step until `stop()`; sleeps on a condition while there is nothing to do."""
+    def run_forever(self, idle_wait: float = 0.5, after_step: Callable[[], None] = lambda: None) -> None:
+        """Step until `stop()`; sleeps on a condition while there is nothing to do. `after_step`
+        runs after every step (the runner sends the step's messages together from there)."""
         while True:
             with self._wake:
                 if self._closed:
@@ -200,7 +201,10 @@ class BatchEngine:
                 if not self._waiting and not self._cancelled and self.active_jobs() == 0:
                     self._wake.wait(idle_wait)
                     continue
-            self.step()
+            try:
+                self.step()
+            finally:
+                after_step()
 
     def step(self) -> bool:
         """Admit, cancel, run one decode for every active sequence, sample. False when idle."""

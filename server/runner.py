@@ -10,7 +10,8 @@ thread only receives messages, so a cancel can arrive while a generation runs.
 Protocol (pickled dicts over a `multiprocessing` connection):
   parent -> runner: {"op": "generate" | "embed" | "tokenize" | "cancel", "id": int, ...}
   runner -> parent: {"type": "ready", ...} once, then per request {"id", "type": "token" | "done"
-                    | "error" | "result", ...}
+                    | "error" | "result", ...}; the batch engine sends each step's messages as one
+                    {"type": "many", "messages": [...]}
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class _Runner:
         self.cancel_lock = threading.Lock()
         # The batch engine's thread sends too, and a Connection is not thread-safe.
         self.send_lock = threading.Lock()
+        # What the engine's callbacks say during one step, sent as one message after it: one pipe
+        # write and one wake-up of the server per step, not one per sequence.
+        self.outbox: list[dict[str, Any]] = []
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.engine: Any = None
         self.projector: Any = None
@@ -239,6 +243,12 @@ class _Runner:
         with self.send_lock:
             self.conn.send(message)
 
+    def flush_outbox(self) -> None:
+        """Send what the engine's last step produced (engine thread)."""
+        if self.outbox:
+            messages, self.outbox = self.outbox, []
+            self.send(messages[0] if len(messages) == 1 else {"type": "many", "messages": messages})
+
     def read_loop(self) -> None:
         """Reader thread: route cancels at once, queue everything else for the owner thread."""
         while True:
@@ -269,7 +279,8 @@ class _Runner:
     def serve(self) -> None:
         threading.Thread(target=self.read_loop, name="runner-reader", daemon=True).start()
         if self.engine is not None:
-            threading.Thread(target=self.engine.run_forever, name="batch-engine", daemon=True).start()
+            threading.Thread(target=self.engine.run_forever, kwargs={"after_step": self.flush_outbox},
+                             name="batch-engine", daemon=True).start()
         while (message := self.jobs.get()) is not None:
             job_id = message.get("id", -1)
             # The batch engine has no logprobs; such a request takes the one-at-a-time path, unless it
@@ -317,17 +328,18 @@ class _Runner:
             self.forget(job_id)
             return
 
+        # These run on the engine thread, during a step: their messages wait in the outbox.
         def on_piece(text: str) -> None:
-            self.send({"id": job_id, "type": "token", "text": text})
+            self.outbox.append({"id": job_id, "type": "token", "text": text})
 
         def on_done(stats: dict[str, Any]) -> None:
             self.forget(job_id)
-            self.send({"id": job_id, "type": "done", **stats})
+            self.outbox.append({"id": job_id, "type": "done", **stats})
 
         def on_error(exc: Exception) -> None:
             self.forget(job_id)
             kind = {"kind": "input"} if isinstance(exc, InputError) else {}
-            self.send({"id": job_id, "type": "error", **kind, "message": str(exc)})
+            self.outbox.append({"id": job_id, "type": "error", **kind, "message": str(exc)})
 
         # Under cancel_lock a cancel either came first (seen here) or finds the job in the engine.
         with self.cancel_lock:

@@ -158,10 +158,16 @@ class RunnerProcess:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
+            # A batch engine step's messages come together: one wake-up of each event loop for all.
+            messages = message["messages"] if message.get("type") == "many" else [message]
+            deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[dict[str, Any]], dict[str, Any]]]] = {}
             with self._lock:
-                pending = self._pending.get(message.get("id", -1))
-            if pending is not None:
-                pending.loop.call_soon_threadsafe(pending.queue.put_nowait, message)
+                for item in messages:
+                    pending = self._pending.get(item.get("id", -1))
+                    if pending is not None:
+                        deliveries.setdefault(pending.loop, []).append((pending.queue, item))
+            for loop, items in deliveries.items():
+                loop.call_soon_threadsafe(_deliver, items)
         self._process.join(1)
         code = self._process.exitcode
         reason = f"exited unexpectedly (exit code {code})" if code not in (0, None) else "exited"
@@ -181,3 +187,8 @@ class RunnerProcess:
             error = {"type": "error", "message": f"the runner for {self.label} {reason}; retry the request "
                                                  "to start it again"}
             pending.loop.call_soon_threadsafe(pending.queue.put_nowait, error)
+
+
+def _deliver(items: list[tuple["asyncio.Queue[dict[str, Any]]", dict[str, Any]]]) -> None:
+    for queue, message in items:
+        queue.put_nowait(message)
