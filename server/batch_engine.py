@@ -293,18 +293,7 @@ class BatchEngine:
         # where its history already is.
         slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
         reuse = self._reusable_prefix(slot, job.prompt)
-        slot.job = job
-        slot.sampler = sampler
-        slot.cached = job.prompt[:reuse]
-        slot.to_prefill = job.prompt[reuse:]
-        slot.prompt_eval_count = len(slot.to_prefill)
-        slot.next_token = None
-        slot.batch_index = -1
-        slot.generated = []
-        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        slot.pending_text = ""
-        slot.started_ns = time.perf_counter_ns()
-        slot.first_token_ns = slot.started_ns
+        self._assign(slot, job, sampler, cached=job.prompt[:reuse], to_prefill=job.prompt[reuse:])
 
     def _start_with_images(self, job: _Job, slot: _Slot, sampler: Any) -> None:
         """Text and images go in through the projector, in one go and outside the shared batch
@@ -318,21 +307,28 @@ class BatchEngine:
             self._llama.llama_sampler_free(sampler)
             self._drop_kv(slot)
             raise
-        slot.job = job
-        slot.sampler = sampler
         # Placeholders, one per position: no later prompt's tokens match them, so nothing reuses a
         # prefix that runs into an image.
-        slot.cached = [-1] * positions
-        slot.to_prefill = []
-        slot.prompt_eval_count = positions
+        self._assign(slot, job, sampler, cached=[-1] * positions, to_prefill=[], evaluated=positions)
+        self._sample(slot)  # the projector's evaluation left the logits of the last position (index -1)
+
+    @staticmethod
+    def _assign(slot: _Slot, job: _Job, sampler: Any, cached: list[int], to_prefill: list[int],
+                evaluated: int | None = None) -> None:
+        """Put `job` on `slot`: its KV holds `cached`, `to_prefill` is still to be decoded; the
+        prompt evaluation counts `evaluated` positions (default: the tokens still to prefill)."""
+        slot.job = job
+        slot.sampler = sampler
+        slot.cached = cached
+        slot.to_prefill = to_prefill
+        slot.prompt_eval_count = len(to_prefill) if evaluated is None else evaluated
         slot.next_token = None
+        slot.batch_index = -1
         slot.generated = []
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.pending_text = ""
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
-        slot.batch_index = -1  # the projector's last evaluation left the logits of the last position
-        self._sample(slot)
 
     def _reusable_prefix(self, slot: _Slot, prompt: list[int]) -> int:
         """How many leading prompt tokens the slot's KV already holds; drops the rest of its KV."""

@@ -23,7 +23,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from multiprocessing.connection import Connection
 from typing import Any, Mapping
@@ -76,21 +76,10 @@ class SamplingOptions:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "SamplingOptions":
-        return cls(
-            temperature=float(options.get("temperature", 0.8)),
-            top_k=int(options.get("top_k", 40)),
-            top_p=float(options.get("top_p", 0.9)),
-            min_p=float(options.get("min_p", 0.0)),
-            typical_p=float(options.get("typical_p", 1.0)),
-            repeat_penalty=float(options.get("repeat_penalty", 1.0)),
-            frequency_penalty=float(options.get("frequency_penalty", 0.0)),
-            presence_penalty=float(options.get("presence_penalty", 0.0)),
-            repeat_last_n=int(options.get("repeat_last_n", 64)),
-            seed=int(options.get("seed", -1)),
-            num_predict=int(options.get("num_predict", -1)),
-            num_keep=int(options.get("num_keep", 4)),
-            stop=tuple(s for s in options.get("stop", ()) or () if s),
-        )
+        """Ollama's option names are the field names; an absent option keeps its default above."""
+        values: dict[str, Any] = {spec.name: type(spec.default)(options[spec.name])
+                                  for spec in fields(cls) if spec.name in options and spec.name != "stop"}
+        return cls(**values, stop=tuple(s for s in options.get("stop", ()) or () if s))
 
 
 @dataclass
@@ -204,22 +193,29 @@ class _Runner:
                                        n_threads=threads)
         # Adapters are applied by llama-cpp-python's own path only. Images go through the batch
         # engine, so a model with a projector always has one (a single slot when batching is off).
-        batching = spec.batch_slots not in (0, 1)
-        if not spec.adapter_paths and (batching or self.projector is not None):
-            self.engine = self._start_engine(on_gpu, minimum=2 if batching else 1)
+        wanted = self._wanted_slots(on_gpu)
+        if not spec.adapter_paths and (wanted > 1 or self.projector is not None):
+            self.engine = self._start_engine(max(wanted, 1))
 
-    def _start_engine(self, on_gpu: bool, minimum: int) -> Any:
-        """The batch engine with as many slots as asked for (or the hardware allows), halving the
-        count while llama.cpp cannot make room for their KV caches; None if not even `minimum` fit."""
+    def _wanted_slots(self, on_gpu: bool) -> int:
+        """BERTH_NUM_PARALLEL's count, or by hardware: 4 on a GPU, 2 on the CPU capped by the memory
+        their KV caches need; 0 or 1 when batching is off."""
+        spec = self.spec
+        if spec.batch_slots != AUTO_SLOTS:
+            return spec.batch_slots
+        if on_gpu:
+            return 4  # a context that does not fit is halved in _start_engine
+        return min(2, kv_slots_that_fit(self.llm.metadata, spec.num_ctx, _available_memory()))
+
+    def _start_engine(self, slots: int) -> Any:
+        """The batch engine with `slots` slots, halved while llama.cpp cannot make room for their KV
+        caches. With a projector it is needed down to one slot (images go through it); without,
+        fewer than two is no batching: None, and generations go one at a time."""
         from server.batch_engine import BatchEngine
 
         spec = self.spec
-        slots = spec.batch_slots if spec.batch_slots > 1 else (4 if on_gpu else 2)
-        if minimum == 1 and spec.batch_slots in (0, 1):
-            slots = 1
-        if spec.batch_slots == AUTO_SLOTS and not on_gpu:
-            slots = min(slots, kv_slots_that_fit(self.llm.metadata, spec.num_ctx, _available_memory()))
-        while slots >= minimum:
+        minimum = 1 if self.projector is not None else 2
+        while True:
             try:
                 # A second context on the same weights: the model is in memory (and on the GPU) once.
                 return BatchEngine(spec.model_path, n_ctx_per_slot=spec.num_ctx, slots=slots, n_batch=spec.num_batch,
@@ -229,9 +225,8 @@ class _Runner:
                 if slots <= minimum:
                     if self.projector is not None:
                         raise  # images cannot be read without it: the load fails with the reason
-                    return None  # generations go one at a time instead
+                    return None
                 slots = max(minimum, slots // 2)
-        return None
 
     @property
     def slots(self) -> int:
