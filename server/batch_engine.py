@@ -146,6 +146,7 @@ class BatchEngine:
         self._piece_buffer = ctypes.create_string_buffer(64)
         self._candidates: Any = None  # token data for sampling with a grammar, made on first use
         self._candidate_view: Any = None
+        self._token_ids: Any = None
         # Shared with submitting threads: guarded by _lock; _wake tells the owner thread.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -467,10 +468,11 @@ class BatchEngine:
             self._candidates = (llama_cpp.llama_token_data * self._n_vocab)()
             fields = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
             self._candidate_view = np.frombuffer(self._candidates, dtype=fields)
+            self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         view = self._candidate_view
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, slot.batch_index),
                                        shape=(self._n_vocab,))
-        view["id"] = np.arange(self._n_vocab, dtype=np.int32)  # samplers reorder the array in place
+        view["id"] = self._token_ids  # samplers reorder the array in place
         view["logit"] = logits
         view["p"] = 0.0
         array = llama_cpp.llama_token_data_array(

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.conftest import BerthServer
 from tests.registry_fixture import LocalRegistry
+
+
+def _store_models(models: Path, names: list[str]) -> Path:
+    """A models directory holding a small, distinct model under each name (no server running yet)."""
+    import os
+
+    from registry.library import Library
+    from tests.registry_fixture import make_model
+
+    library = Library(models)
+    try:
+        for name in names:
+            make_model(library, name, os.urandom(300_000) + name.encode())
+    finally:
+        library.close()
+    return models
 
 
 def _stream(client: httpx.Client, path: str, body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
@@ -129,23 +146,13 @@ def test_cli_login_push_pull_logout(tmp_path, auth_registry: LocalRegistry) -> N
 
 
 def test_signed_push_trust_policy_and_rate_cap_through_the_api(tmp_path, registry: LocalRegistry) -> None:  # type: ignore[no-untyped-def]
-    import os
-
-    from registry.library import Library
     from registry.user_key import load_or_create_key
     from tests.conftest import start_server
-    from tests.registry_fixture import make_model
 
     home = tmp_path / "home"
     key = load_or_create_key(home)  # the server signs with this key and its policy trusts it
     policy = {"rules": [{"scope": f"{registry.host}/team", "mode": "enforce", "keys": [key.public_line()]}]}
-    models = tmp_path / "models"
-    library = Library(models)
-    try:
-        for tag in ("unsigned", "signed"):
-            make_model(library, f"{registry.host}/team/m:{tag}", os.urandom(400_000) + tag.encode())
-    finally:
-        library.close()
+    models = _store_models(tmp_path / "models", [f"{registry.host}/team/m:{tag}" for tag in ("unsigned", "signed")])
     server = start_server(models, tmp_path / "server.log", extra_env={
         "BERTH_HOME": str(home), "BERTH_NO_DEFAULT_MODEL": "1", "BERTH_TRUST_POLICY": json.dumps(policy)})
     try:
@@ -182,9 +189,7 @@ def test_signing_key_setting_signs_every_push_and_verify_checks_the_local_copy( 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from registry.library import Library
     from tests.conftest import berth_executable, start_server
-    from tests.registry_fixture import make_model
 
     team_key = Ed25519PrivateKey.generate()  # a team's signing key, in PEM (PKCS#8) form
     key_file = tmp_path / "team.pem"
@@ -192,13 +197,7 @@ def test_signing_key_setting_signs_every_push_and_verify_checks_the_local_copy( 
                                                 serialization.NoEncryption()))
     team_public = team_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH).decode()
-    models = tmp_path / "models"
-    library = Library(models)
-    try:
-        for tag in ("a", "b"):
-            make_model(library, f"{registry.host}/team/m:{tag}", os.urandom(300_000) + tag.encode())
-    finally:
-        library.close()
+    models = _store_models(tmp_path / "models", [f"{registry.host}/team/m:{tag}" for tag in ("a", "b")])
     env = {"BERTH_HOME": str(tmp_path / "home"), "BERTH_NO_DEFAULT_MODEL": "1", "BERTH_SIGNING_KEY": str(key_file)}
     server = start_server(models, tmp_path / "server.log", extra_env=env)
     try:
