@@ -9,6 +9,7 @@ same GGUF and threads as the ceiling, and Berth's aggregate is printed as a rati
 run against it with 4 slots (`-np 4`) and Berth's HTTP figures are printed as a ratio of its.
 
     .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH] [--no-http]
+                                          [--deterministic]
 
 The same N concurrent requests are then sent as streaming HTTP clients to a live Berth server
 (batching on, 8 slots, the default model), so the figures include the API and the runner pipe.
@@ -29,13 +30,16 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.batch_engine import BatchEngine  # noqa: E402
+
+if TYPE_CHECKING:
+    import httpx
 
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",
@@ -131,19 +135,24 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], tokens: int) -> Re
     return summarise(requests, started, time.perf_counter())
 
 
-StreamOne = Callable[[int, Request], None]
+StreamOne = Callable[[int, Request, "httpx.Client"], None]
 
 
 def concurrent_streams(n: int, stream_one: StreamOne) -> Result:
-    """N clients started at once, each streaming one request through `stream_one(index, request)`,
-    which records when text arrives and how many tokens were generated."""
+    """N clients started at once, each streaming one request through `stream_one(index, request,
+    http)`, which records when text arrives and how many tokens were generated. The HTTP clients
+    are made before the clock starts: making one costs 20-50 ms of this process's CPU (its TLS
+    context), which would otherwise count as N times the servers' time to first token."""
+    import httpx
+
+    clients = [httpx.Client(timeout=600) for _ in range(n)]
     started = time.perf_counter()
     requests = [Request(started) for _ in range(n)]
     failures: list[str] = []
 
     def client(index: int) -> None:
         try:
-            stream_one(index, requests[index])
+            stream_one(index, requests[index], clients[index])
         except Exception as exc:  # noqa: BLE001 - reported after the round
             failures.append(f"{type(exc).__name__}: {exc}")
 
@@ -152,6 +161,8 @@ def concurrent_streams(n: int, stream_one: StreamOne) -> Result:
         thread.start()
     for thread in threads_:
         thread.join()
+    for http in clients:
+        http.close()
     if failures:
         raise SystemExit(f"requests failed: {failures[:3]}")
     return summarise(requests, started, time.perf_counter())
@@ -160,12 +171,10 @@ def concurrent_streams(n: int, stream_one: StreamOne) -> Result:
 def berth_stream(url: str, tokens: int, num_ctx: int, threads: int, round_tag: str) -> StreamOne:
     """Ollama's streaming /api/generate. `round_tag` makes each round's prompts new to the server,
     so no round starts from a warm prefix."""
-    import httpx
-
-    def stream_one(index: int, request: Request) -> None:
+    def stream_one(index: int, request: Request, http: "httpx.Client") -> None:
         body = {"model": "gemma3:270m", "prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "raw": True,
                 "options": {**options(index, tokens), "num_ctx": num_ctx, "num_thread": threads}}
-        with httpx.Client(timeout=600) as http, http.stream("POST", f"{url}/api/generate", json=body) as answer:
+        with http.stream("POST", f"{url}/api/generate", json=body) as answer:
             for line in answer.iter_lines():
                 event = json.loads(line)
                 if "error" in event:
@@ -180,14 +189,12 @@ def berth_stream(url: str, tokens: int, num_ctx: int, threads: int, round_tag: s
 
 def llama_server_stream(url: str, tokens: int, round_tag: str) -> StreamOne:
     """llama-server's own streaming /completion (server-sent events), same prompts and sampling."""
-    import httpx
-
-    def stream_one(index: int, request: Request) -> None:
+    def stream_one(index: int, request: Request, http: "httpx.Client") -> None:
         sampling = options(index, tokens)
         body = {"prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "n_predict": tokens, "stream": True,
                 "temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
                 "seed": sampling["seed"], "cache_prompt": True}
-        with httpx.Client(timeout=600) as http, http.stream("POST", f"{url}/completion", json=body) as answer:
+        with http.stream("POST", f"{url}/completion", json=body) as answer:
             for line in answer.iter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -200,14 +207,15 @@ def llama_server_stream(url: str, tokens: int, round_tag: str) -> StreamOne:
     return stream_one
 
 
-def http_rounds(num_ctx: int, tokens: int, threads: int) -> dict[int, Result]:
+def http_rounds(num_ctx: int, tokens: int, threads: int, deterministic: bool) -> dict[int, Result]:
     """A Berth server (batching on, 8 slots) with the default model; one round per N."""
     from tests.conftest import start_server
 
     results: dict[int, Result] = {}
     with tempfile.TemporaryDirectory() as scratch:
         server = start_server(Path(scratch) / "models", Path(scratch) / "server.log",
-                              {"BERTH_NUM_PARALLEL": str(max(CONCURRENCY)), "BERTH_KEEP_ALIVE": "-1"})
+                              {"BERTH_NUM_PARALLEL": str(max(CONCURRENCY)), "BERTH_KEEP_ALIVE": "-1",
+                               "BERTH_DETERMINISTIC": "1" if deterministic else "0"})
         try:
             concurrent_streams(1, berth_stream(server.url, 8, num_ctx, threads, "warm"))  # load the model
             for n in CONCURRENCY:
@@ -301,6 +309,8 @@ def main() -> None:
     parser.add_argument("--batched-bench", help="path of llama-batched-bench")
     parser.add_argument("--no-http", action="store_true", help="skip the live server's streaming clients")
     parser.add_argument("--llama-server", help="path of llama-server (default: beside llama-batched-bench)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="Berth batch-invariant (BERTH_DETERMINISTIC=1), to measure what that costs")
     args = parser.parse_args()
 
     import llama_cpp
@@ -315,7 +325,7 @@ def main() -> None:
                               n_threads_batch=args.threads, flash_attn=True, verbose=False)  # as the engine runs
         prompts = [list(llm.tokenize(p.encode(), add_bos=True, special=True)) for p in PROMPTS]
         engine = BatchEngine(str(model), n_ctx_per_slot=args.num_ctx, slots=max(CONCURRENCY), n_batch=512,
-                             n_threads=args.threads)
+                             n_threads=args.threads, batch_invariant=args.deterministic)
         run_raw(llm, prompts[:1], 8)  # warm both (page cache, thread pools)
         run_engine(engine, prompts[:1], 8)
         raw: dict[int, Result] = {}
@@ -330,10 +340,12 @@ def main() -> None:
         llm.close()
         http: dict[int, Result] = {}
         if not args.no_http:
-            http = http_rounds(args.num_ctx, args.tokens, args.threads)
+            http = http_rounds(args.num_ctx, args.tokens, args.threads, args.deterministic)
             for n in CONCURRENCY:
                 print(f"N={n}  http  {http[n].line()}  x{http[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw "
                       f"(streaming clients of a live server)")
+            top = max(CONCURRENCY)
+            print(f"time to first token N={top}/N=1 through HTTP: p99 {pct(http[top].ttft, 99) / pct(http[1].ttft, 99):.1f}x")
 
         binary = find_tool("llama-batched-bench", args.batched_bench)
         ceiling: dict[int, Ceiling] = {}

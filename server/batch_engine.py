@@ -5,12 +5,18 @@
 a share of the pending prompt tokens into ONE `llama_decode`, so N users cost close to one
 user's decode time instead of N times it.
 
-- Each slot is a llama.cpp sequence id with its own sampler chain and its own KV stream
-  (`kv_unified=False`, `n_ctx = n_ctx_per_slot * slots`), so every slot gets the full num_ctx and
-  one long conversation cannot take room from the others. One unified buffer decodes ~10% faster
-  per step here (and prefills ~20% faster), but then a sequence's attention sums run over cells
-  that depend on its neighbours, so identical greedy requests in one batch can answer differently;
-  separate streams keep them identical.
+- Each slot is a llama.cpp sequence id with its own sampler chain. The slots share one unified
+  KV buffer of `n_ctx_per_slot * slots` cells, and no sequence may grow past `n_ctx_per_slot`, so
+  every slot gets the full num_ctx. A burst of prompts of different lengths is then prefilled in
+  one pass (separate KV streams make llama.cpp split it into one pass per distinct length: ~40%
+  slower to the first tokens of 8 prompts here), and decode steps are ~10% faster.
+- Like llama-server's, the default engine is not batch-invariant: flash attention's tiles,
+  repacked weights' row groups and cells placed among the neighbours' make a sequence's numbers
+  round differently in another batch, so the same seeded request can answer differently alone and
+  among others. `batch_invariant=True` (Berth's BERTH_DETERMINISTIC) trades ~15% of the throughput
+  for output that does not depend on the others: no flash attention, no repacking, one KV stream
+  per slot, each prompt evaluated in its own `llama_decode` calls in fixed `n_batch` chunks from
+  its start, and no reuse of cached prefixes (a reused prefix changes how the prompt is cut).
 - Prompts are evaluated in chunks: decode tokens go first, prefills share what is left of
   `n_batch`, so a long prompt never stalls the others' next token by more than one chunk.
 - New requests join between steps; a cancelled or failed sequence has its KV range removed at
@@ -87,11 +93,13 @@ class BatchEngine:
 
     def __init__(self, model_path: str, n_ctx_per_slot: int, slots: int, n_batch: int = 512,
                  n_threads: int = 0, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 flash_attn: bool = True, kv_unified: bool = False, repack_weights: bool = True,
-                 model: Any = None, projector: Any = None) -> None:
+                 flash_attn: bool = True, batch_invariant: bool = False, model: Any = None,
+                 projector: Any = None) -> None:
         """`model`: an already loaded `llama_model *` to add a context to (the runner's, so the
         weights are in memory once); it stays its owner's. Otherwise `model_path` is loaded.
-        `projector`: a server.vision.Projector on that model, for requests with images."""
+        `projector`: a server.vision.Projector on that model, for requests with images.
+        `batch_invariant`: a sequence's output does not depend on the others (see the module
+        docstring); a given `model` must then have been loaded without repacked weights."""
         import llama_cpp
 
         if slots < 1:
@@ -108,9 +116,8 @@ class BatchEngine:
             model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
             model_params.use_mmap = use_mmap
             # Repacked CPU weights are faster, but their kernels treat a row differently depending on
-            # where it falls in the batch, so greedy output can change with the batch composition.
-            # False gives batch-invariant results (used by the tests to check the scheduling).
-            model_params.use_extra_bufts = repack_weights
+            # where it falls in the batch (4-row groups), so output can change with the batch.
+            model_params.use_extra_bufts = not batch_invariant
             model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
             if not model:
                 raise ValueError(f"failed to load model from {model_path}")
@@ -120,15 +127,15 @@ class BatchEngine:
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
         ctx_params.n_seq_max = slots
-        # Default: one KV stream per sequence, so each gets exactly n_ctx_per_slot cells of its own.
-        ctx_params.kv_unified = kv_unified
+        ctx_params.kv_unified = not batch_invariant
         # The runner passes the thread count its `Llama` uses, so both paths run alike.
         threads = n_threads if n_threads > 0 else physical_cores()
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = False
         # The unbatched runner passes the same flag to `Llama`, so both paths give equal output.
-        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+        # Flash attention's CPU kernel tiles query rows by the batch's shape: not batch-invariant.
+        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn and not batch_invariant
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
@@ -139,8 +146,10 @@ class BatchEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._n_swa = int(llama_cpp.llama_model_n_swa(self._model))
-        self.n_ctx_per_slot = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        # Unified, llama.cpp lets one sequence have every cell; the engine holds each to its share.
+        self.n_ctx_per_slot = min(n_ctx_per_slot, int(llama_cpp.llama_n_ctx_seq(self._ctx)))
         self.n_batch = n_batch
+        self.batch_invariant = batch_invariant
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(slots)]
         self._piece_buffer = ctypes.create_string_buffer(64)
@@ -211,15 +220,27 @@ class BatchEngine:
         """Admit, cancel, run one decode for every active sequence, sample. False when idle."""
         self._apply_cancels()
         self._admit()
-        if self._fill_batch() == 0:
+        if not self.batch_invariant:
+            return self._decode(self._slots, prefill_room=self.n_batch)
+        # Decode tokens together (one row each, however many there are), each prompt chunk alone.
+        ran = self._decode(self._slots, prefill_room=0)
+        for slot in self._slots:
+            if slot.job is not None and slot.to_prefill:
+                ran = self._decode([slot], prefill_room=self.n_batch) or ran
+        return ran
+
+    def _decode(self, slots: Sequence[_Slot], prefill_room: int) -> bool:
+        """One `llama_decode` of the slots' next tokens and up to `prefill_room` prompt tokens,
+        then sampling where a sequence's logits came out. False when there was nothing to decode."""
+        if self._fill_batch(slots, prefill_room) == 0:
             return False
         status = self._llama.llama_decode(self._ctx, self._batch)
         if status != 0:
-            # 1 = no KV room (cannot happen with per-slot streams sized to the prompt check),
-            # 2 = aborted, negative = error. Either way the sequences in this batch are lost.
-            self._fail_batch(EngineError(f"llama_decode failed with status {status}"))
+            # 1 = no KV room (cannot happen with cells sized to the prompt check), 2 = aborted,
+            # negative = error. Either way the sequences in this batch are lost.
+            self._fail_batch(EngineError(f"llama_decode failed with status {status}"), slots)
             return True
-        for slot in self._slots:
+        for slot in slots:
             if slot.job is not None and slot.batch_index >= 0:
                 self._sample(slot)
         return True
@@ -335,7 +356,7 @@ class BatchEngine:
         """How many leading prompt tokens the slot's KV already holds; drops the rest of its KV."""
         llama_cpp = self._llama
         # At least the last prompt token is always evaluated: its logits give the first token.
-        reuse = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        reuse = 0 if self.batch_invariant else min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
         if reuse > 0 and self._n_swa > 0:
             # A sliding-window cache has already dropped positions older than the window; the
             # kept prefix is usable only if what the next token must see is still there.
@@ -375,8 +396,9 @@ class BatchEngine:
             add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
 
-    def _fill_batch(self) -> int:
-        """Next tokens of generating slots first, then prompt chunks in the room that is left."""
+    def _fill_batch(self, slots: Sequence[_Slot], prefill_room: int) -> int:
+        """Next tokens of generating slots first, then prompt chunks in the room that is left of
+        `prefill_room`."""
         batch = self._batch
         count = 0
 
@@ -392,16 +414,16 @@ class BatchEngine:
             slot.cached.append(token)
             count += 1
 
-        for slot in self._slots:
+        for slot in slots:
             slot.batch_index = -1
             if slot.job is not None and slot.next_token is not None:
                 put(slot, slot.next_token, True)
                 slot.next_token = None
         # Oldest request first, so a burst of prompts is served in arrival order.
-        prefilling = sorted((s for s in self._slots if s.job is not None and s.to_prefill),
+        prefilling = sorted((s for s in slots if s.job is not None and s.to_prefill),
                             key=lambda s: s.started_ns)
         for slot in prefilling:
-            room = self.n_batch - count
+            room = min(prefill_room, self.n_batch - count)
             if room <= 0:
                 break
             chunk, slot.to_prefill = slot.to_prefill[:room], slot.to_prefill[room:]
@@ -520,9 +542,9 @@ class BatchEngine:
         _notify(job.on_done, _stats(reason, job.prompt, slot.prompt_eval_count, slot.started_ns,
                                     slot.first_token_ns, finished, slot.generated))
 
-    def _fail_batch(self, error: Exception) -> None:
-        # After a failed decode the KV content of every sequence is unknown: end them all.
-        for slot in self._slots:
+    def _fail_batch(self, error: Exception, slots: Sequence[_Slot]) -> None:
+        # After a failed decode the KV content of its sequences is unknown: end them all.
+        for slot in slots:
             if slot.job is not None:
                 job = slot.job
                 self._drop_kv(slot)

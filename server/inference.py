@@ -164,6 +164,7 @@ class Inference:
             num_thread=int(merged.get("num_thread", 0) or 0),
             batch_slots=(self.settings.num_parallel or AUTO_SLOTS) if self.settings.batching else 0,
             flash_attn=self.settings.flash_attention,
+            deterministic=self.settings.deterministic,
         )
         sampling = {k: (list(v) if isinstance(v, tuple) else v) for k, v in merged.items()
                     if k not in option_table.RUNNER_OPTIONS}

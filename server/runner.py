@@ -17,6 +17,7 @@ Protocol (pickled dicts over a `multiprocessing` connection):
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import queue
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from multiprocessing.connection import Connection
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 
 class InputError(ValueError):
@@ -54,6 +55,10 @@ class LoadSpec:
     # ~12% faster batched decode steps on CPU; both generation paths use the same setting so that
     # they give the same output.
     flash_attn: bool = True
+    # Batch-invariant generation: flash attention off, weights not repacked for the CPU, one KV
+    # stream per slot. Each of those makes llama.cpp round a sequence's numbers differently with
+    # the batch it is in; without them a seeded request answers the same alone or among others.
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,28 @@ def gpu_layers(spec: LoadSpec, supports_gpu: bool) -> int:
     return spec.num_gpu
 
 
+@contextlib.contextmanager
+def _repacked_weights(llama_cpp: Any, wanted: bool) -> Iterator[None]:
+    """While a `Llama` is made: whether llama.cpp repacks its weights for the CPU's fastest
+    kernels (llama-cpp-python has no parameter for it, so its model defaults are wrapped)."""
+    if wanted:
+        yield
+        return
+    module = llama_cpp.llama_cpp
+    defaults = module.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = defaults
+
+
 class _Runner:
     def __init__(self, conn: Connection, spec: LoadSpec) -> None:
         import llama_cpp
@@ -161,19 +188,21 @@ class _Runner:
         self.n_gpu_layers = gpu_layers(spec, self.supports_gpu)
         threads = spec.num_thread if spec.num_thread > 0 else physical_cores()
         self.threads = threads
-        self.llm = llama_cpp.Llama(
-            model_path=spec.model_path,
-            n_ctx=spec.num_ctx,
-            n_batch=spec.num_batch,
-            n_gpu_layers=self.n_gpu_layers,
-            main_gpu=spec.main_gpu,
-            use_mmap=spec.use_mmap if spec.use_mmap is not None else True,
-            n_threads=threads,
-            n_threads_batch=threads,
-            lora_path=spec.adapter_paths[0] if spec.adapter_paths else None,
-            flash_attn=spec.flash_attn,
-            verbose=False,
-        )
+        self.flash_attn = spec.flash_attn and not spec.deterministic
+        with _repacked_weights(llama_cpp, not spec.deterministic):
+            self.llm = llama_cpp.Llama(
+                model_path=spec.model_path,
+                n_ctx=spec.num_ctx,
+                n_batch=spec.num_batch,
+                n_gpu_layers=self.n_gpu_layers,
+                main_gpu=spec.main_gpu,
+                use_mmap=spec.use_mmap if spec.use_mmap is not None else True,
+                n_threads=threads,
+                n_threads_batch=threads,
+                lora_path=spec.adapter_paths[0] if spec.adapter_paths else None,
+                flash_attn=self.flash_attn,
+                verbose=False,
+            )
         self.embedder: Any = None
         self.cancelled: set[int] = set()
         self.cancel_lock = threading.Lock()
@@ -219,8 +248,8 @@ class _Runner:
             try:
                 # A second context on the same weights: the model is in memory (and on the GPU) once.
                 return BatchEngine(spec.model_path, n_ctx_per_slot=spec.num_ctx, slots=slots, n_batch=spec.num_batch,
-                                   n_threads=self.threads, flash_attn=spec.flash_attn, model=self.llm.model,
-                                   projector=self.projector)
+                                   n_threads=self.threads, flash_attn=self.flash_attn, model=self.llm.model,
+                                   projector=self.projector, batch_invariant=spec.deterministic)
             except ValueError:
                 if slots <= minimum:
                     if self.projector is not None:

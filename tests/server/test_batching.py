@@ -44,6 +44,42 @@ def test_concurrent_requests_run_together_and_all_finish(batching_server: BerthS
     assert len(running) == 1  # one runner served all three
 
 
+def test_deterministic_mode_answers_a_seeded_request_alike_alone_or_among_others(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "models", tmp_path / "server.log",
+                       {"BERTH_DETERMINISTIC": "1", "BERTH_NUM_PARALLEL": "4"})
+    url = srv.url + "/api/generate"
+
+    def generate(prompt: str, predict: int = 32) -> str:
+        body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "stream": False,
+                "options": {"temperature": 0.9, "top_k": 40, "seed": 42, "num_predict": predict}}
+        answer = httpx.post(url, json=body, timeout=300).json()
+        assert answer["eval_count"] > 0, answer
+        return answer["response"]
+
+    try:
+        prompt = "Tell me about the moon."
+        alone = generate(prompt)
+        assert generate(prompt) == alone  # again, with its prompt in the cache
+        answers: dict[int, str] = {}
+
+        def run(index: int, text: str, predict: int) -> None:
+            answers[index] = generate(text, predict)
+
+        others = ["Write a poem about rain.", "What is a prime number?", "Describe a forest at night."]
+        threads = [threading.Thread(target=run, args=(0, others[0], 120))]  # already decoding
+        threads[0].start()
+        threads += [threading.Thread(target=run, args=(i, text, 32)) for i, text in enumerate(others[1:], 1)]
+        threads.append(threading.Thread(target=run, args=(3, prompt, 32)))
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers[3] == alone
+        assert len(set(answers.values())) == 4
+    finally:
+        srv.stop()
+
+
 def test_json_format_and_a_disconnect_in_batched_mode(batching_server: BerthServer) -> None:
     url = batching_server.url + "/api/generate"
     with httpx.stream("POST", url, json={"model": DEFAULT_MODEL_NAME, "prompt": "Count:", "raw": True,
