@@ -2,11 +2,12 @@
 
 A pull writes a blob into `blobs/sha256-<hex>-partial` in fixed-size chunks. Each chunk's row
 records how many of its bytes are durable (`completed`, only ever a figure an fdatasync covered)
-and, once the chunk is whole, its checksum ("crc32:<8hex>"; "sha256:<hex>" from older rows). After
-a crash the next pull re-reads only those chunks, checks each against its checksum while rebuilding
-the blob's sha256, and fetches the rest from the first byte not on disk. The checksum only catches
-bytes changed on disk between runs; the blob's sha256 is what proves them, so nothing unproven is
-ever committed.
+and, once the blob's running sha256 has passed the chunk's end, its check: "prefix-sha256:<hex>",
+the digest of the blob's bytes from the start up to that end ("crc32:<8hex>" or "sha256:<hex>" of
+the chunk alone in rows of earlier versions). After a crash the next pull re-reads the durable
+chunks once, rebuilding the blob's sha256 and comparing each check as it passes, refetches a chunk
+that fails, and fetches the rest from the first byte not on disk. A check only catches bytes changed
+on disk between runs; the blob's sha256 is what proves them, so nothing unproven is ever committed.
 """
 
 from __future__ import annotations

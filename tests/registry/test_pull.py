@@ -56,6 +56,9 @@ class Behaviour:
     require_basic: bool = False          # 401 Basic without credentials
     bearer_realm: str | None = None      # 401 Bearer with this realm
     throttle_first: int = 0              # answer this many requests with 429 Retry-After: 1
+    connection_rate: int | None = None   # send each blob body at this many bytes/s (a throttled CDN)
+    link_rate: int | None = None         # send all blob bodies together at this many bytes/s (a slow link)
+    bodies_at_once: int = 0              # most blob bodies being sent at the same time, so far
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
 
@@ -63,6 +66,9 @@ class HostileRegistry:
     def __init__(self) -> None:
         self.behaviour = Behaviour()
         behaviour_of = lambda: self.behaviour  # noqa: E731
+        sending_lock = threading.Lock()
+        sending: list[object] = []  # the handlers sending a blob body now
+        link = threading.Lock()  # held while a piece crosses the slow link
 
         class Handler(QuietHandler):
             def do_HEAD(self) -> None:
@@ -136,14 +142,32 @@ class HostileRegistry:
                     limit = min(limit, start + b.drop_every)
                 try:
                     if limit > start:
-                        self.wfile.write(data[start:limit])
-                        self.wfile.flush()
+                        self._write_body(b, data[start:limit])
                     if limit <= end:
                         if b.hang:
                             time.sleep(3)
                         self.close_connection = True
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
+
+            def _write_body(self, b: Behaviour, body: bytes) -> None:
+                with sending_lock:
+                    sending.append(self)
+                    b.bodies_at_once = max(b.bodies_at_once, len(sending))
+                try:
+                    step = len(body) if b.connection_rate is None and b.link_rate is None else 64 * 1024
+                    for offset in range(0, len(body), step):
+                        piece = body[offset:offset + step]
+                        if b.connection_rate is not None:
+                            time.sleep(len(piece) / b.connection_rate)  # paced before, so none lingers after
+                        if b.link_rate is not None:
+                            with link:
+                                time.sleep(len(piece) / b.link_rate)
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                finally:
+                    with sending_lock:
+                        sending.remove(self)
 
         self.http = LoopbackServer(Handler)
         self.port, self.host = self.http.port, self.http.host
@@ -565,6 +589,35 @@ def test_private_ca_bundle_verifies_a_tls_registry(tls_registry: LocalRegistry, 
         assert other.blobs.path(Digest.of_bytes(weights)).read_bytes() == weights
     finally:
         other.close()
+
+
+def _streams_used(hostile: HostileRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Pull 6 MiB in 256 KiB chunks (streams added every 0.25 s); the most bodies sent at once."""
+    import registry.pull
+
+    monkeypatch.setattr(registry.pull, "RAMP_INTERVAL", 0.25)
+    weights = os.urandom(6 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    library = Library(tmp_path / "models")
+    make_puller(library, tmp_path, chunk=256 * 1024).pull(_name(hostile), lambda e: None, insecure=True)
+    assert library.blobs.path(digest).read_bytes() == weights
+    library.close()
+    return hostile.behaviour.bodies_at_once
+
+
+def test_streams_are_added_while_they_raise_the_throughput(hostile: HostileRegistry, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection gets 2 MiB/s (a throttled CDN): every stream added raises the throughput,
+    so the pull goes from one stream to `parallel` (4)."""
+    hostile.behaviour.connection_rate = 2 * MiB
+    assert _streams_used(hostile, tmp_path, monkeypatch) == 4
+
+
+def test_a_stream_that_does_not_raise_the_throughput_is_the_last_one_added(
+        hostile: HostileRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All connections share one 2 MiB/s link: the second stream brings nothing, so no third comes."""
+    hostile.behaviour.link_rate = 2 * MiB
+    assert _streams_used(hostile, tmp_path, monkeypatch) == 2
 
 
 def test_a_damaged_chunk_of_a_partial_file_is_fetched_again_alone(hostile: HostileRegistry, tmp_path: Path) -> None:
