@@ -225,14 +225,16 @@ def http_rounds(num_ctx: int, tokens: int, threads: int, deterministic: bool) ->
     return results
 
 
-def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, threads: int) -> dict[int, Result]:
-    """llama.cpp's own server with 4 slots (`-np 4`, each `num_ctx`), the same clients and rounds."""
+def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, threads: int,
+                        slots: int) -> dict[int, Result]:
+    """llama.cpp's own server with `slots` slots (`-np`, each `num_ctx`), the same clients and rounds."""
     import httpx
 
     from tests.conftest import free_port
 
     port = free_port()
-    command = [binary, "-m", str(model), "-np", "4", "-c", str(4 * num_ctx), "-t", str(threads), "-tb", str(threads),
+    command = [binary, "-m", str(model), "-np", str(slots), "-c", str(slots * num_ctx), "-t", str(threads),
+               "-tb", str(threads),
                "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -371,10 +373,17 @@ def main() -> None:
         if args.no_http or server_binary is None:
             print("llama-server not measured (it needs the live-server clients and the binary: --llama-server PATH)")
         else:
-            peer = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads)
+            peer = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads, 4)
             for n in CONCURRENCY:
                 print(f"N={n}  llama-server -np 4  {peer[n].line()}  berth http/llama-server "
                       f"{http[n].tokens_per_s / peer[n].tokens_per_s:.2f}")
+            # With as many slots as Berth's server has, for the time-to-first-token comparison.
+            top = max(CONCURRENCY)
+            wide = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads, top)
+            for n in (1, top):
+                print(f"N={n}  llama-server -np {top}  {wide[n].line()}")
+            print(f"time to first token N={top}/N=1 through HTTP, p99: berth {pct(http[top].ttft, 99) / pct(http[1].ttft, 99):.1f}x,"
+                  f" llama-server -np {top} {pct(wide[top].ttft, 99) / pct(wide[1].ttft, 99):.1f}x")
         print(json.dumps({
             "threads": args.threads, "tokens": args.tokens,
             "raw": {n: round(r.tokens_per_s, 1) for n, r in raw.items()},

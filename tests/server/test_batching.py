@@ -80,6 +80,45 @@ def test_deterministic_mode_answers_a_seeded_request_alike_alone_or_among_others
         srv.stop()
 
 
+def test_embeddings_while_generations_run_equal_embeddings_alone(batching_server: BerthServer) -> None:
+    url = batching_server.url
+    inputs = ["The sea is calm tonight.", "A second sentence, about mountains."]
+
+    def embed() -> list[list[float]]:
+        answer = httpx.post(url + "/api/embed", json={"model": DEFAULT_MODEL_NAME, "input": inputs}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["embeddings"]
+
+    alone = embed()
+    assert len(alone) == 2 and len(alone[0]) > 100 and alone[0] != alone[1]
+    streams: list[list[dict]] = []
+    generating = threading.Semaphore(0)
+
+    def generate(prompt: str) -> None:
+        body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "raw": True,
+                "options": {"num_predict": 200, "temperature": 0}}
+        events: list[dict] = []
+        with httpx.stream("POST", url + "/api/generate", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                events.append(json.loads(line))
+                if len(events) == 3:
+                    generating.release()
+        streams.append(events)
+
+    threads = [threading.Thread(target=generate, args=(p,)) for p in ("Count to fifty:", "List some fruits:")]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert generating.acquire(timeout=120)  # both are decoding now
+    during = embed()
+    for thread in threads:
+        thread.join()
+    assert during == alone
+    assert len(streams) == 2
+    for events in streams:  # and they went on while the embeddings were computed
+        assert events[-1]["done"] and events[-1]["done_reason"] in ("length", "stop")
+
+
 def test_json_format_and_a_disconnect_in_batched_mode(batching_server: BerthServer) -> None:
     url = batching_server.url + "/api/generate"
     with httpx.stream("POST", url, json={"model": DEFAULT_MODEL_NAME, "prompt": "Count:", "raw": True,
