@@ -168,11 +168,18 @@ def concurrent_streams(n: int, stream_one: StreamOne) -> Result:
     return summarise(requests, started, time.perf_counter())
 
 
+def tagged(round_tag: str, index: int) -> str:
+    """Request `index`'s prompt, new to the server in this round: the requests of a round share at
+    most BOS, "[" and the round's digit, less than Berth shares between sequences (its
+    SHARE_MIN_TOKENS), so each prompt is evaluated whole, as on the other side."""
+    return f"[{round_tag}{index}] {PROMPTS[index % len(PROMPTS)]}"
+
+
 def berth_stream(url: str, tokens: int, num_ctx: int, threads: int, round_tag: str) -> StreamOne:
     """Ollama's streaming /api/generate. `round_tag` makes each round's prompts new to the server,
-    so no round starts from a warm prefix."""
+    so no round starts from a warm prefix (see `tagged`)."""
     def stream_one(index: int, request: Request, http: "httpx.Client") -> None:
-        body = {"model": "gemma3:270m", "prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "raw": True,
+        body = {"model": "gemma3:270m", "prompt": tagged(round_tag, index), "raw": True,
                 "options": {**options(index, tokens), "num_ctx": num_ctx, "num_thread": threads}}
         with http.stream("POST", f"{url}/api/generate", json=body) as answer:
             for line in answer.iter_lines():
@@ -191,7 +198,7 @@ def llama_server_stream(url: str, tokens: int, round_tag: str) -> StreamOne:
     """llama-server's own streaming /completion (server-sent events), same prompts and sampling."""
     def stream_one(index: int, request: Request, http: "httpx.Client") -> None:
         sampling = options(index, tokens)
-        body = {"prompt": f"{round_tag} {PROMPTS[index % len(PROMPTS)]}", "n_predict": tokens, "stream": True,
+        body = {"prompt": tagged(round_tag, index), "n_predict": tokens, "stream": True,
                 "temperature": sampling["temperature"], "top_k": sampling["top_k"], "top_p": sampling["top_p"],
                 "seed": sampling["seed"], "cache_prompt": True}
         with http.stream("POST", f"{url}/completion", json=body) as answer:
@@ -219,7 +226,7 @@ def http_rounds(num_ctx: int, tokens: int, threads: int, deterministic: bool) ->
         try:
             concurrent_streams(1, berth_stream(server.url, 8, num_ctx, threads, "warm"))  # load the model
             for n in CONCURRENCY:
-                results[n] = concurrent_streams(n, berth_stream(server.url, tokens, num_ctx, threads, f"[{n}]"))
+                results[n] = concurrent_streams(n, berth_stream(server.url, tokens, num_ctx, threads, str(n)))
         finally:
             server.stop()
     return results
@@ -250,7 +257,7 @@ def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, thr
                 raise SystemExit(f"llama-server did not start ({' '.join(command)})")
             time.sleep(0.2)
         concurrent_streams(1, llama_server_stream(url, 8, "warm"))
-        return {n: concurrent_streams(n, llama_server_stream(url, tokens, f"[{n}]")) for n in CONCURRENCY}
+        return {n: concurrent_streams(n, llama_server_stream(url, tokens, str(n))) for n in CONCURRENCY}
     finally:
         process.terminate()
         process.wait(timeout=30)

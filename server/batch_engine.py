@@ -21,7 +21,8 @@ user's decode time instead of N times it.
   `n_batch`, so a long prompt never stalls the others' next token by more than one chunk.
 - New requests join between steps; a cancelled or failed sequence has its KV range removed at
   once. A finished one keeps its tokens so that a request which extends them (a chat that goes
-  on) only evaluates the new suffix.
+  on) only evaluates the new suffix, and a request that starts like any sequence held (a system
+  prompt many users share) takes that sequence's cells for the common part.
 
 Threading: `submit` and `cancel` may be called from any thread; `step` / `run_forever` and every
 callback run on the one thread that owns the context (llama.cpp contexts are not thread-safe).
@@ -43,6 +44,10 @@ from typing import Any, Callable, Mapping, Sequence
 from server.runner import InputError, SamplingOptions, _shifted, _split_at_stop, physical_cores
 
 log = logging.getLogger("berth.batch_engine")
+
+# A prompt takes another sequence's cells for a common prefix at least this long (shorter ones,
+# such as a lone BOS, save nothing worth it).
+SHARE_MIN_TOKENS = 4
 
 PieceCallback = Callable[[str], None]
 DoneCallback = Callable[[dict[str, Any]], None]
@@ -314,7 +319,7 @@ class BatchEngine:
         # The free slot whose cached tokens share the longest prefix: a continuing chat lands
         # where its history already is.
         slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
-        reuse = self._reusable_prefix(slot, job.prompt)
+        reuse = self._shared_prefix(slot, job.prompt) or self._reusable_prefix(slot, job.prompt)
         self._assign(slot, job, sampler, cached=job.prompt[:reuse], to_prefill=job.prompt[reuse:])
 
     def _start_with_images(self, job: _Job, slot: _Slot, sampler: Any) -> None:
@@ -351,6 +356,30 @@ class BatchEngine:
         slot.pending_text = ""
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
+
+    def _shared_prefix(self, slot: _Slot, prompt: list[int]) -> int:
+        """When another sequence holds a longer prefix of `prompt` than `slot` does (a system
+        prompt or chat template many users share, a burst of requests that start alike), its cells
+        join `slot`'s sequence too, so only the rest is evaluated; 0 when none does. The unified
+        buffer shares cells without copying them; a shared cell is freed when no sequence holds it
+        (a context shift drops and re-evaluates a sequence's cells, never moves them). Off in the
+        batch-invariant configuration, which evaluates every prompt from its start."""
+        if self.batch_invariant:
+            return 0
+        own = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
+        donor = max((s for s in self._slots if s is not slot), default=None,
+                    key=lambda s: _common_prefix(s.cached, prompt))
+        if donor is None:
+            return 0
+        shared = min(_common_prefix(donor.cached, prompt), len(prompt) - 1)
+        if shared <= own or shared < SHARE_MIN_TOKENS:
+            return 0
+        llama_cpp = self._llama
+        if self._n_swa > 0 and llama_cpp.llama_memory_seq_pos_min(self._memory, donor.seq_id) > max(0, shared - self._n_swa):
+            return 0  # the donor's sliding window no longer has what the next token must see
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
+        return shared
 
     def _reusable_prefix(self, slot: _Slot, prompt: list[int]) -> int:
         """How many leading prompt tokens the slot's KV already holds; drops the rest of its KV."""

@@ -207,6 +207,36 @@ def test_the_deterministic_configuration_answers_alone_as_among_others(invariant
         assert len(driver.outcomes[busy].generated) == 60
 
 
+def test_a_prompt_that_starts_like_another_sequence_shares_its_cells(engine: BatchEngine, llm: Any) -> None:
+    """A shared system prompt is evaluated once: a request that starts like a running one takes
+    that sequence's cells for the common part and evaluates only the rest. (Its answer agrees with
+    the one it gives alone up to the batch rounding of the default configuration: first-token
+    logits measured 1.0 apart, as far as in a batch of the same two without sharing, 1.1.)"""
+    system = "You are a helpful assistant who answers briefly and precisely. " * 6
+    running = tokens_of(llm, system + "Question: what is the capital of France?")
+    joining = tokens_of(llm, system + "Question: name three primary colors.")
+    common = next(i for i, (a, b) in enumerate(zip(running, joining)) if a != b)
+    assert common > 60
+    engine.forget_prefixes()
+    alone = run_alone(engine, joining, GREEDY)
+    assert alone.stats is not None and alone.stats["prompt_eval_count"] == len(joining)
+    engine.forget_prefixes()
+    driver = Driver(engine)
+    first = driver.submit(running, {"temperature": 0, "num_predict": 60})
+    for _ in range(3):
+        engine.step()
+    second = driver.submit(joining, GREEDY)
+    engine.step()
+    assert_kv_matches_slots(engine)  # both sequences hold the common cells
+    engine.cancel(first)  # the first ends; the cells it shared stay with the second
+    driver.run()
+    shared = driver.outcomes[second]
+    assert shared.stats is not None and shared.stats["prompt_eval_count"] == len(joining) - common
+    assert len(shared.generated) == 24 and shared.generated[0] == alone.generated[0]
+    assert driver.outcomes[first].stats["done_reason"] == "cancel"  # type: ignore[index]
+    assert_kv_matches_slots(engine)
+
+
 def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request(engine: BatchEngine, llm: Any) -> None:
     driver = Driver(engine)
     long_run = {"temperature": 0, "num_predict": 200}
