@@ -119,6 +119,27 @@ def test_embeddings_while_generations_run_equal_embeddings_alone(batching_server
         assert events[-1]["done"] and events[-1]["done_reason"] in ("length", "stop")
 
 
+def test_a_system_prompt_two_users_share_is_evaluated_once(batching_server: BerthServer) -> None:
+    url = batching_server.url + "/api/chat"
+    system = {"role": "system", "content": "You are a patient tutor. Answer in one short sentence. " * 8}
+
+    def body(question: str, stream: bool) -> dict:
+        return {"model": DEFAULT_MODEL_NAME, "stream": stream, "options": {"num_predict": 60, "temperature": 0},
+                "messages": [system, {"role": "user", "content": question}]}
+
+    with httpx.stream("POST", url, json=body("What is a noun?", True), timeout=120) as first:
+        lines = first.iter_lines()
+        for _ in range(3):
+            next(lines)  # the first user's answer is being generated
+        second = httpx.post(url, json=body("What is a verb?", False), timeout=120).json()
+        events = [json.loads(line) for line in lines if line]
+    first_done = events[-1]
+    assert first_done["done"] and second["done"] and second["message"]["content"]
+    assert first_done["prompt_eval_count"] > 100
+    # The second evaluated only what follows the system prompt the first had already evaluated.
+    assert second["prompt_eval_count"] < first_done["prompt_eval_count"] - 80
+
+
 def test_json_format_and_a_disconnect_in_batched_mode(batching_server: BerthServer) -> None:
     url = batching_server.url + "/api/generate"
     with httpx.stream("POST", url, json={"model": DEFAULT_MODEL_NAME, "prompt": "Count:", "raw": True,
