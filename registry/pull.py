@@ -127,8 +127,8 @@ class BlobFetch:
 
     Per chunk, state moves forward only: bytes *landed* (written to the page cache, shown as
     progress and followed by the hasher), bytes *durable* (covered by an fdatasync; the only figure
-    the catalog records, so a resume never trusts bytes a crash could have lost) and, once whole,
-    the chunk's checksum. Stream threads claim runs of consecutive chunks (one request each), the
+    the catalog records, so a resume never trusts bytes a crash could have lost) and, once the
+    hashed front has passed its end, the chunk's check. Stream threads claim runs of consecutive chunks (one request each), the
     hashing thread follows the bytes in order, and a checkpoint thread makes them durable in the
     background, so no stream ever waits on the disk.
     """
@@ -241,8 +241,7 @@ class BlobFetch:
         if self._hashed_all.wait(seconds):
             return None
         with self._cond:
-            if self._failure is not None or all(self._claimed[i] or self._landed[i] >= self._length(plan, i)
-                                                for i in range(plan.count)):
+            if self._failure is not None or not any(self._unclaimed(plan, i) for i in range(plan.count)):
                 return None
             return (self.fetched - before) / max(time.monotonic() - started, 1e-6)
 
@@ -429,16 +428,19 @@ class BlobFetch:
         """Claim the first unfinished chunks, [first, stop): at most RUN_CHUNKS, and few enough that
         every stream gets a share of what is left (so all of them stay busy to the end)."""
         with self._cond:
-            pending = [i for i in range(plan.count) if not self._claimed[i] and self._landed[i] < self._length(plan, i)]
+            pending = [i for i in range(plan.count) if self._unclaimed(plan, i)]
             if not pending:
                 return None
             share = max(1, min(RUN_CHUNKS, -(-len(pending) // self.parallel)))
             first = stop = pending[0]
-            while stop < plan.count and stop - first < share and not self._claimed[stop] \
-                    and self._landed[stop] < self._length(plan, stop):
+            while stop < plan.count and stop - first < share and self._unclaimed(plan, stop):
                 self._claimed[stop] = True
                 stop += 1
             return first, stop
+
+    def _unclaimed(self, plan: ChunkPlan, idx: int) -> bool:
+        """Under _cond: chunk `idx` still has bytes to fetch and no stream has claimed it."""
+        return not self._claimed[idx] and self._landed[idx] < self._length(plan, idx)
 
     def _fetch_run(self, fd: int, plan: ChunkPlan, first: int, stop: int) -> None:
         end = plan.bounds(stop - 1)[1]
@@ -498,10 +500,6 @@ class BlobFetch:
                 offset = self._land(fd, plan, offset, end, data)
                 if offset >= end:
                     return
-
-    def _landed_of(self, idx: int) -> int:
-        with self._cond:
-            return self._landed[idx]
 
     def _land(self, fd: int, plan: ChunkPlan, offset: int, end: int, data: bytes | memoryview) -> int:
         """Write received bytes at `offset`, publish them as landed, pay the rate caps; new offset."""

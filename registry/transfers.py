@@ -20,7 +20,7 @@ from registry.pull import Puller, SharedDownloads
 from registry.push import Pusher
 from registry.rate import RateLimiter
 from registry.trust import TrustPolicy
-from registry.user_key import KeyHolder, UserKey, load_key, signing_key_setting
+from registry.user_key import KeyHolder, UserKey, load_key
 
 
 @dataclass
@@ -33,7 +33,9 @@ class Transfers:
     signing_key: Path | None = None  # BERTH_SIGNING_KEY: every push is signed with it unless told not to
 
     @classmethod
-    def from_env(cls, library: Library, env: Mapping[str, str] | None = None) -> "Transfers":
+    def from_env(cls, library: Library, signing_key: Path | None,
+                 env: Mapping[str, str] | None = None) -> "Transfers":
+        """`signing_key`: Settings' BERTH_SIGNING_KEY, already checked when the server started."""
         env = os.environ if env is None else env
         network = NetworkSettings.from_env(env)
         signer = OllamaKeySigner(berth_home(env))
@@ -41,7 +43,7 @@ class Transfers:
         downloads = SharedDownloads()
         rate_limit = RateLimiter(network.max_download_rate) if network.max_download_rate else None
         puller = Puller(library, client, downloads, rate_limit=rate_limit, trust=TrustPolicy.from_env(env))
-        return cls(client, downloads, puller, Pusher(library, client), signer.keys, signing_key_setting(env))
+        return cls(client, downloads, puller, Pusher(library, client), signer.keys, signing_key)
 
     def key_for_push(self, sign: bool | None) -> UserKey | None:
         """The key a push signs with: `sign` false never signs; true signs with the configured

@@ -319,7 +319,7 @@ class BatchEngine:
         # The free slot whose cached tokens share the longest prefix: a continuing chat lands
         # where its history already is.
         slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
-        reuse = self._shared_prefix(slot, job.prompt) or self._reusable_prefix(slot, job.prompt)
+        reuse = self._reusable_prefix(slot, job.prompt)
         self._assign(slot, job, sampler, cached=job.prompt[:reuse], to_prefill=job.prompt[reuse:])
 
     def _start_with_images(self, job: _Job, slot: _Slot, sampler: Any) -> None:
@@ -357,46 +357,36 @@ class BatchEngine:
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
 
-    def _shared_prefix(self, slot: _Slot, prompt: list[int]) -> int:
-        """When another sequence holds a longer prefix of `prompt` than `slot` does (a system
-        prompt or chat template many users share, a burst of requests that start alike), its cells
-        join `slot`'s sequence too, so only the rest is evaluated; 0 when none does. The unified
-        buffer shares cells without copying them; a shared cell is freed when no sequence holds it
-        (a context shift drops and re-evaluates a sequence's cells, never moves them). Off in the
-        batch-invariant configuration, which evaluates every prompt from its start."""
-        if self.batch_invariant:
-            return 0
-        own = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
-        donor = max((s for s in self._slots if s is not slot), default=None,
-                    key=lambda s: _common_prefix(s.cached, prompt))
-        if donor is None:
-            return 0
-        shared = min(_common_prefix(donor.cached, prompt), len(prompt) - 1)
-        if shared <= own or shared < SHARE_MIN_TOKENS:
-            return 0
-        llama_cpp = self._llama
-        if self._n_swa > 0 and llama_cpp.llama_memory_seq_pos_min(self._memory, donor.seq_id) > max(0, shared - self._n_swa):
-            return 0  # the donor's sliding window no longer has what the next token must see
-        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-        llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
-        return shared
-
     def _reusable_prefix(self, slot: _Slot, prompt: list[int]) -> int:
-        """How many leading prompt tokens the slot's KV already holds; drops the rest of its KV."""
+        """How many leading prompt tokens `slot`'s sequence holds for `prompt` (the rest of its KV
+        is dropped). Its own cached tokens, unless another sequence holds a longer prefix (a system
+        prompt or chat template many users share): then that one's cells join `slot`'s sequence,
+        shared without copying in the unified buffer; a shared cell is freed when no sequence holds
+        it (a context shift drops and re-evaluates a sequence's cells, never moves them). None in
+        the batch-invariant configuration, which evaluates every prompt from its start."""
         llama_cpp = self._llama
         # At least the last prompt token is always evaluated: its logits give the first token.
-        reuse = 0 if self.batch_invariant else min(_common_prefix(slot.cached, prompt), len(prompt) - 1)
-        if reuse > 0 and self._n_swa > 0:
-            # A sliding-window cache has already dropped positions older than the window; the
-            # kept prefix is usable only if what the next token must see is still there.
-            pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
-            if pos_min > max(0, reuse - self._n_swa):
-                reuse = 0
+        limit = 0 if self.batch_invariant else len(prompt) - 1
+        reuse = min(_common_prefix(slot.cached, prompt), limit)
+        donor = max(self._slots, key=lambda s: _common_prefix(s.cached, prompt))
+        shared = min(_common_prefix(donor.cached, prompt), limit)
+        if shared > reuse and shared >= SHARE_MIN_TOKENS and self._window_holds(donor, shared):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
+            return shared
+        if reuse > 0 and not self._window_holds(slot, reuse):
+            reuse = 0
         if reuse > 0 and not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
             reuse = 0  # e.g. recurrent models cannot drop a tail: evaluate the whole prompt
         if reuse == 0:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         return reuse
+
+    def _window_holds(self, slot: _Slot, prefix: int) -> bool:
+        """Whether `slot`'s sequence still has what a token after its first `prefix` must see: a
+        sliding-window cache has already dropped positions older than the window."""
+        return self._n_swa <= 0 or \
+            self._llama.llama_memory_seq_pos_min(self._memory, slot.seq_id) <= max(0, prefix - self._n_swa)
 
     def _build_sampler(self, options: SamplingOptions, grammar: str | None) -> Any:
         """The same chain `Llama._init_sampler` builds, so a seed gives the same text batched or not:
@@ -575,10 +565,7 @@ class BatchEngine:
         # After a failed decode the KV content of its sequences is unknown: end them all.
         for slot in slots:
             if slot.job is not None:
-                job = slot.job
-                self._drop_kv(slot)
-                self._release(slot)
-                _notify(job.on_error, error)
+                self._fail(slot, error)
 
     def _drop_kv(self, slot: _Slot) -> None:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)

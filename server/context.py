@@ -34,7 +34,7 @@ class AppContext:
             if self._transfers is None:
                 from registry.transfers import Transfers
 
-                self._transfers = Transfers.from_env(self.library)
+                self._transfers = Transfers.from_env(self.library, self.settings.signing_key)
             return self._transfers
 
     @classmethod

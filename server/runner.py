@@ -214,25 +214,25 @@ class _Runner:
         self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.engine: Any = None
         self.projector: Any = None
-        on_gpu = self.supports_gpu and self.n_gpu_layers != 0
+        self.on_gpu = self.supports_gpu and self.n_gpu_layers != 0
         if spec.projector_path:
             from server.vision import Projector
 
-            self.projector = Projector(spec.projector_path, self.llm.model, use_gpu=on_gpu,
+            self.projector = Projector(spec.projector_path, self.llm.model, use_gpu=self.on_gpu,
                                        n_threads=threads)
         # Adapters are applied by llama-cpp-python's own path only. Images go through the batch
         # engine, so a model with a projector always has one (a single slot when batching is off).
-        wanted = self._wanted_slots(on_gpu)
+        wanted = self._wanted_slots()
         if not spec.adapter_paths and (wanted > 1 or self.projector is not None):
             self.engine = self._start_engine(max(wanted, 1))
 
-    def _wanted_slots(self, on_gpu: bool) -> int:
+    def _wanted_slots(self) -> int:
         """BERTH_NUM_PARALLEL's count, or by hardware: 4 on a GPU, 2 on the CPU capped by the memory
         their KV caches need; 0 or 1 when batching is off."""
         spec = self.spec
         if spec.batch_slots != AUTO_SLOTS:
             return spec.batch_slots
-        if on_gpu:
+        if self.on_gpu:
             return 4  # a context that does not fit is halved in _start_engine
         return min(2, kv_slots_that_fit(self.llm.metadata, spec.num_ctx, _available_memory()))
 
@@ -623,7 +623,7 @@ def runner_main(conn: Connection, spec: LoadSpec) -> None:
         "chat_template": llm.metadata.get("tokenizer.chat_template"),
         "bos_token": _token_text(llm, llm.token_bos()),
         "eos_token": _token_text(llm, llm.token_eos()),
-        "gpu": runner.supports_gpu and runner.n_gpu_layers != 0,
+        "gpu": runner.on_gpu,
         "vision": runner.projector is not None,
         "n_gpu_layers": runner.n_gpu_layers,
         "slots": runner.slots,  # generations served at once (the scheduler admits this many)

@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Iterator
 
 from registry.digest import Digest
 from registry.errors import BerthError
@@ -80,26 +81,17 @@ class Lease:
         return self.loaded.runner
 
     async def __aenter__(self) -> "Lease":
-        """Take a slot; when all are busy, wait in the queue, which BERTH_MAX_QUEUE bounds like the
-        load queue (Ollama lets these waiters pile up without limit: ollama#7758)."""
+        """Take a slot; when all are busy, wait for one in the scheduler's bounded queue."""
         slots = self.loaded.slots
-        if not slots.locked():
-            await slots.acquire()
-            return self
-        scheduler = self.scheduler
-        if scheduler.queued() >= scheduler.max_queue:
-            self.release()
-            raise QueueFull()
-        scheduler._slot_waiting += 1
-        scheduler.metrics.queue_depth.set(scheduler.queued())
         try:
-            await slots.acquire()
+            if slots.locked():
+                with self.scheduler.queue_place():
+                    await slots.acquire()
+            else:
+                await slots.acquire()
         except BaseException:
             self.release()
             raise
-        finally:
-            scheduler._slot_waiting -= 1
-            scheduler.metrics.queue_depth.set(scheduler.queued())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -122,8 +114,7 @@ class Scheduler:
         self.default_keep_alive = default_keep_alive
         self.load_timeout = load_timeout
         self._loaded: dict[Digest, Loaded] = {}
-        self._waiting = 0  # requests waiting for a model to load
-        self._slot_waiting = 0  # requests waiting for a loaded model's free slot
+        self._queued = 0  # requests waiting for a model to load or for a loaded model's slot
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
 
@@ -134,11 +125,7 @@ class Scheduler:
         lease = self._attach(ref, keep_alive)
         if lease is not None:
             return lease
-        if self.queued() >= self.max_queue:
-            raise QueueFull()
-        self._waiting += 1
-        self.metrics.queue_depth.set(self.queued())
-        try:
+        with self.queue_place():
             async with self._load_lock:
                 lease = self._attach(ref, keep_alive)
                 if lease is not None:
@@ -148,13 +135,20 @@ class Scheduler:
                 loaded = await self._load(ref, keep_alive)
                 loaded.refcount += 1
                 return Lease(self, loaded, time.perf_counter_ns() - started)
-        finally:
-            self._waiting -= 1
-            self.metrics.queue_depth.set(self.queued())
 
-    def queued(self) -> int:
-        """Requests waiting, for a load or for a slot: BERTH_MAX_QUEUE bounds them together."""
-        return self._waiting + self._slot_waiting
+    @contextlib.contextmanager
+    def queue_place(self) -> Iterator[None]:
+        """A place among the requests waiting for a load or for a slot, which BERTH_MAX_QUEUE bounds
+        together (Ollama lets slot waiters pile up without limit: ollama#7758); QueueFull if none."""
+        if self._queued >= self.max_queue:
+            raise QueueFull()
+        self._queued += 1
+        self.metrics.queue_depth.set(self._queued)
+        try:
+            yield
+        finally:
+            self._queued -= 1
+            self.metrics.queue_depth.set(self._queued)
 
     def _attach(self, ref: ModelRef, keep_alive: float | None) -> Lease | None:
         loaded = self._loaded.get(ref.digest)

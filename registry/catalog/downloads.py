@@ -36,7 +36,7 @@ class PartialDownloadRow(Base):
 
 
 class PartialChunkRow(Base):
-    """One chunk of a partial download: durable bytes, and its checksum once whole."""
+    """One chunk of a partial download: durable bytes, and its check once the hashed front passed it."""
 
     __tablename__ = "partial_chunks"
 
