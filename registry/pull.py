@@ -635,15 +635,20 @@ class SharedDownloads:
         self._active: dict[Digest, _Shared] = {}
 
     def join(self, digest: Digest, make: Callable[[], BlobFetch]) -> _Shared:
-        with self._lock:
-            shared = self._active.get(digest)
-            if shared is None:
-                shared = _Shared(make())
-                self._active[digest] = shared
-                threading.Thread(target=self._run, args=(digest, shared), name=f"pull-{digest.short}",
-                                 daemon=True).start()
-            shared.waiters += 1
-            return shared
+        while True:
+            with self._lock:
+                shared = self._active.get(digest)
+                if shared is None:
+                    shared = _Shared(make())
+                    self._active[digest] = shared
+                    threading.Thread(target=self._run, args=(digest, shared), name=f"pull-{digest.short}",
+                                     daemon=True).start()
+                if not shared.fetch.cancel.is_set():
+                    shared.waiters += 1
+                    return shared
+            # A download being stopped (its last waiter left, or it failed) would only hand this pull
+            # its cancel; once it has let go of the partial file, a fresh one resumes from it.
+            shared.done.wait()
 
     def leave(self, shared: _Shared) -> None:
         with self._lock:

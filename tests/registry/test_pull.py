@@ -676,3 +676,27 @@ def test_a_partial_download_recorded_before_checksums_were_named_still_resumes(h
     assert library.blobs.path(digest).read_bytes() == weights
     assert result.fetched_bytes <= 2 * MiB + 1024  # chunk 0 kept; chunk 1 (wrong check) and 2 fetched
     library.close()
+
+
+def test_a_pull_right_after_a_cancelled_one_does_not_inherit_the_cancel(hostile: HostileRegistry,
+                                                                        tmp_path: Path) -> None:
+    """Ctrl-C then the same pull again at once: the first download may still be stopping (its stream
+    blocked in a read), and the second must start its own instead of joining the cancelled one."""
+    weights = os.urandom(2 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.connection_rate = 256 * 1024  # a 64 KiB piece every 0.25 s: the stream is slow to notice
+    library = Library(tmp_path / "models")
+    puller = make_puller(library, tmp_path)
+    cancel = threading.Event()
+
+    def stop_after_some(event: dict[str, Any]) -> None:
+        if event.get("digest") == str(digest) and event.get("completed", 0) > 0:
+            cancel.set()
+
+    with pytest.raises(PullCancelled):
+        puller.pull(_name(hostile), stop_after_some, insecure=True, cancel=cancel)
+    assert digest in puller.downloads.active()  # still stopping: the case under test
+    hostile.behaviour.connection_rate = None
+    puller.pull(_name(hostile), lambda e: None, insecure=True)
+    assert library.blobs.path(digest).read_bytes() == weights and library.names()
+    library.close()
