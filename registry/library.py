@@ -64,13 +64,20 @@ class Library:
         self.engine = database.open_engine(root)
         database.upgrade(self.engine)
         self._sessions = database.session_factory(self.engine)
+        self._changes = database.ChangeCounter(root)
         # Serialises reference changes against GC inside this process; pins protect blobs that
         # an operation in progress (create, pull) has written but not yet referenced.
         self._lock = threading.RLock()
         self._pins: Counter[Digest] = Counter()
 
     def close(self) -> None:
+        self._changes.close()
         self.engine.dispose()
+
+    def catalog_version(self) -> int:
+        """Changes whenever the catalog is written, by any process: what was read from it before
+        (a model's tag, manifest, layers) is still true while this stays the same."""
+        return self._changes.value()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -32,6 +32,7 @@ log = logging.getLogger("berth.inference")
 
 DEFAULT_TEMPLATE = "{{ .Prompt }}"
 MIN_CONTEXT = 4
+RESOLVED_KEPT = 64  # names remembered by Inference.resolve; more are read afresh after a clear
 
 
 def now_rfc3339() -> str:
@@ -114,10 +115,25 @@ class Inference:
         self.library = library
         self.scheduler = scheduler
         self.settings = settings
+        # What each requested name resolved to, and the catalog version it was read at: reading
+        # a model's tag, manifest and layers was half of the API's own work per request.
+        self._resolved: dict[str, tuple[int, Resolved]] = {}
 
     # -- resolving ------------------------------------------------------------------------------
 
     def resolve(self, model: str) -> Resolved:
+        """The model a request names, read again only after the catalog changed."""
+        version = self.library.catalog_version()
+        cached = self._resolved.get(model)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        resolved = self._read(model)
+        if len(self._resolved) >= RESOLVED_KEPT:
+            self._resolved.clear()
+        self._resolved[model] = (version, resolved)
+        return resolved
+
+    def _read(self, model: str) -> Resolved:
         try:
             stored = self.library.get(model)
         except InvalidInput:

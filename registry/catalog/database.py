@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -76,6 +78,26 @@ def _current_revisions(engine: Engine) -> list[str]:
         if not exists:
             return []
         return [row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))]
+
+
+class ChangeCounter:
+    """A number that changes whenever the catalog is committed to, by this process or another.
+
+    It is SQLite's `data_version` read on a connection of its own that never writes (the pragma
+    counts commits made on *other* connections): one cheap call, so readers can keep what they
+    derived from the catalog until it changes, without asking who wrote."""
+
+    def __init__(self, root: Path) -> None:
+        self._conn = sqlite3.connect(root / CATALOG_FILE, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+
+    def value(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

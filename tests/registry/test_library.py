@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,21 @@ def test_manifest_parse_rejects_hostile_documents() -> None:
     ]:
         with pytest.raises(InvalidInput, match=message):
             Manifest.parse(raw)
+
+
+def test_catalog_version_changes_with_every_write_from_any_process(library: Library) -> None:
+    make_model(library, "v:1", b"weights-v")
+    version = library.catalog_version()
+    library.list(), library.get("v:1"), library.names()
+    assert library.catalog_version() == version  # reading changes nothing
+    library.copy(ModelName.parse("v:1"), ModelName.parse("w:1"))
+    after_copy = library.catalog_version()
+    assert after_copy != version
+    # Another process (a second server, `berth` run on the store) deletes a model.
+    script = ("import sys; from pathlib import Path; from registry.library import Library; "
+              "from registry.names import ModelName; "
+              "Library(Path(sys.argv[1])).delete(ModelName.parse('w:1'))")
+    subprocess.run([sys.executable, "-c", script, str(library.root)], check=True,
+                   cwd=Path(__file__).resolve().parents[2])
+    assert library.catalog_version() != after_copy
+    assert [m.name.display for m in library.list()] == ["v:1"]

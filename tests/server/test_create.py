@@ -284,3 +284,29 @@ def test_blob_files_are_readable_by_the_server_after_upload(server: BerthServer,
     digest = Digest.of_bytes(data)
     assert http.post(f"/api/blobs/{digest}", content=data).status_code == 201
     assert oct(os.stat(blob_file(server, digest)).st_mode & 0o777) == "0o644"
+
+
+def test_a_model_changed_under_the_same_name_is_what_the_next_request_runs(
+        client: ollama.Client, http: httpx.Client, server: BerthServer) -> None:
+    """The server keeps what a name resolved to until the catalog changes, whoever changes it."""
+    name = PREFIX + "changing:latest"
+
+    def rendered() -> httpx.Response:
+        return http.post("/api/generate", json={"model": name, "prompt": "Hello", "stream": False,
+                                                "_debug_render_only": True})
+
+    client.create(model=name, from_=MODEL, system="First system.")
+    assert "First system." in rendered().json()["_debug_info"]["rendered_template"]
+    client.create(model=name, from_=MODEL, system="Second system.")
+    prompt = rendered().json()["_debug_info"]["rendered_template"]
+    assert "Second system." in prompt and "First system." not in prompt
+    # Another process on the same store (here: this test's) deletes it.
+    from registry.library import Library
+    from registry.names import ModelName
+    library = Library(server.models_dir)
+    try:
+        library.delete(ModelName.parse(name))
+    finally:
+        library.close()
+    gone = rendered()
+    assert gone.status_code == 404 and "not found" in gone.json()["error"]
