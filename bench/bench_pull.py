@@ -2,7 +2,9 @@
 
 1. The default model is pushed to a local docker-registry. Its weights blob is downloaded by
    `curl` to a file, then the model is pulled by a live Berth server (`POST /api/pull`: ranged
-   chunks, digest verified, durable): the ratio of throughputs is printed (target >= 0.9).
+   chunks, digest verified, durable): the ratio of throughputs is printed (target >= 0.9). Two more
+   baselines verify and sync as a pull does: curl piped through tee and openssl, and the simplest
+   Python loop on one socket (what verifying and syncing cost by themselves, on this disk).
 2. A Berth server pulls the model through a byte-counting TCP proxy in front of the registry; it is
    killed (SIGKILL) at about half the weights, restarted on the same store, and pulls again: the bytes
    the proxy carried for the second pull are compared with what was left (target <= left + a chunk).
@@ -106,6 +108,39 @@ def _sha256_cpu(size: int) -> float:
     return time.process_time() - started
 
 
+def _socket_loop(url: str, out: Path, size: int) -> str:
+    """The least a verified, durable download can do in Python: one connection, each piece received
+    into one buffer, written and hashed, then fdatasync. No resume, no chunk records: a floor for
+    what Berth's pull costs beyond verifying and syncing. Returns the sha256 hex."""
+    host, _, rest = url.removeprefix("http://").partition("/")
+    address, _, port = host.rpartition(":")
+    with socket.create_connection((address, int(port))) as sock:
+        sock.sendall(f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            piece = sock.recv(65536)
+            assert piece, "the registry closed the connection before the headers ended"
+            head += piece
+        status, _, body = head.partition(b"\r\n\r\n")
+        assert status.split(b" ", 2)[1] == b"200", status
+        hasher = hashlib.sha256(body)
+        buffer = memoryview(bytearray(1 << 20))
+        fd = os.open(out, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, body)
+            received = len(body)
+            while received < size:
+                count = sock.recv_into(buffer)
+                assert count, f"the body ended after {received} of {size} bytes"
+                os.write(fd, buffer[:count])
+                hasher.update(buffer[:count])
+                received += count
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    return hasher.hexdigest()
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="berth-bench-pull-"))
     registry = start_registry(work / "registry")
@@ -132,6 +167,7 @@ def main() -> None:
         rounds: list[tuple[float, float]] = []
         cpu: list[tuple[float, float]] = []
         verified: list[float] = []
+        looped: list[float] = []  # _socket_loop: verified and durable, with nothing else
         served: list[tuple[float, float]] = []  # the registry's own CPU while serving each side
         try:
             with httpx.Client(base_url=server.url, timeout=300) as http:
@@ -160,6 +196,11 @@ def main() -> None:
                                            text=True)
                     verified.append(time.perf_counter() - started)
                     assert piped.stdout.split()[0] == weights.digest.hex
+                    curl_out.unlink()
+                    os.sync()
+                    started = time.perf_counter()
+                    assert _socket_loop(url, curl_out, weights.size) == weights.digest.hex
+                    looped.append(time.perf_counter() - started)
                     http.request("DELETE", "/api/delete", json={"model": model}).raise_for_status()
                     assert not pulled_blob.exists()
                     os.sync()
@@ -191,6 +232,9 @@ def main() -> None:
         print(f"throughput ratio berth/curl (best of 3): {curl_best / berth_best:.2f}")
         print(f"  curl | tee | openssl dgst, then sync (verified and durable, like a pull): best "
               f"{size_mb / min(verified):.1f} MB/s; ratio berth/that {min(verified) / berth_best:.2f}")
+        print(f"  one socket in Python: receive, write, sha256, then fdatasync (verified and durable, nothing "
+              f"else): best {size_mb / min(looped):.1f} MB/s = {curl_best / min(looped):.2f} of curl; "
+              f"ratio berth/that {min(looped) / berth_best:.2f}")
 
         # -- 2. kill the server at ~50%, restart, pull again -----------------------------------------------
         proxy = CountingProxy(int(registry.host.rsplit(":", 1)[1]))
