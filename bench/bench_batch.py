@@ -120,7 +120,7 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], tokens: int) -> Re
     started = time.perf_counter()
     requests = [Request(started) for _ in prompts]
     for index, (prompt, request) in enumerate(zip(prompts, requests)):
-        def piece(_text: str, request: Request = request) -> None:
+        def piece(_text: str, _logprobs: list[dict[str, object]], request: Request = request) -> None:
             request.token_times.append(time.perf_counter())
 
         def failed(exc: Exception) -> None:

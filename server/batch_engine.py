@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from server.runner import InputError, SamplingOptions, _shifted, _split_at_stop, physical_cores
+from server.runner import InputError, SamplingOptions, _shifted, _split_at_stop, logprob_entry, physical_cores
 
 log = logging.getLogger("berth.batch_engine")
 
@@ -49,7 +49,8 @@ log = logging.getLogger("berth.batch_engine")
 # such as a lone BOS, save nothing worth it).
 SHARE_MIN_TOKENS = 4
 
-PieceCallback = Callable[[str], None]
+# A piece of text, and the logprob entries of the tokens it completes (empty unless asked for).
+PieceCallback = Callable[[str, list[dict[str, Any]]], None]
 DoneCallback = Callable[[dict[str, Any]], None]
 ErrorCallback = Callable[[Exception], None]
 
@@ -71,6 +72,7 @@ class _Job:
     # With images: the rendered prompt (its `[img-N]` tags name them), evaluated through the projector.
     text: str = ""
     images: tuple[bytes, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -88,6 +90,7 @@ class _Slot:
     generated: list[int] = field(default_factory=list)
     decoder: Any = None
     pending_text: str = ""  # decoded text held back because it may start a stop string
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries of tokens not sent yet
     prompt_eval_count: int = 0
     started_ns: int = 0
     first_token_ns: int = 0
@@ -173,12 +176,14 @@ class BatchEngine:
     def submit(self, job_id: int, prompt_tokens: Sequence[int], options: Mapping[str, Any],
                grammar_text: str | None, on_piece: PieceCallback, on_done: DoneCallback,
                on_error: ErrorCallback, shift: bool = True, text: str = "",
-               images: Sequence[bytes] = ()) -> None:
-        """Queue a generation. Callbacks run on the engine thread: `on_piece(text)` zero or more
-        times, then exactly one of `on_done(stats)` or `on_error(exc)` (InputError = bad request).
-        With `images`, `text` (the rendered prompt) is what is evaluated, through the projector."""
+               images: Sequence[bytes] = (), top_logprobs: int | None = None) -> None:
+        """Queue a generation. Callbacks run on the engine thread: `on_piece(text, logprobs)` zero
+        or more times, then exactly one of `on_done(stats)` or `on_error(exc)` (InputError = bad
+        request). With `images`, `text` (the rendered prompt) is what is evaluated, through the
+        projector. With `top_logprobs` (0-20), each generated token's logprob entry comes with the
+        piece that completes its text."""
         job = _Job(job_id, list(prompt_tokens), SamplingOptions.from_options(options), grammar_text,
-                   on_piece, on_done, on_error, shift, text, tuple(images))
+                   on_piece, on_done, on_error, shift, text, tuple(images), top_logprobs)
         with self._wake:
             self._waiting.append(job)
             self._wake.notify()
@@ -354,6 +359,7 @@ class BatchEngine:
         slot.generated = []
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.pending_text = ""
+        slot.logprobs = []
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
 
@@ -470,12 +476,17 @@ class BatchEngine:
             self._finish(slot, "stop")
             return
         slot.generated.append(token)
+        if job.top_logprobs is not None:  # from this step's logits, before the next step replaces them
+            slot.logprobs.append(logprob_entry(llama_cpp.llama_get_logits_ith(self._ctx, slot.batch_index),
+                                               self._n_vocab, token, job.top_logprobs,
+                                               lambda t: self._piece(t, special=True)))
         slot.pending_text += slot.decoder.decode(self._piece(token))
         emit, slot.pending_text, hit = _split_at_stop(slot.pending_text, list(options.stop))
         if emit:
-            _notify(job.on_piece, emit)
+            self._send_piece(slot, emit)
         if hit:
             slot.pending_text = ""
+            slot.logprobs.clear()  # the stop string's tokens are not part of the answer
             self._finish(slot, "stop")
         elif 0 <= options.num_predict <= len(slot.generated):
             self._finish(slot, "length")
@@ -536,23 +547,30 @@ class BatchEngine:
         self._release(slot)
         _notify(job.on_error, error)
 
-    def _piece(self, token: int) -> bytes:
-        """The token's bytes, as `Llama.detokenize([token])` gives them (special tokens hidden)."""
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """The token's bytes, as `Llama.detokenize([token])` gives them (special tokens hidden
+        unless `special`)."""
         size = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buffer,
-                                                len(self._piece_buffer), 0, False)
+                                                len(self._piece_buffer), 0, special)
         if size < 0:  # the buffer is too small: llama.cpp says how much it needs
             self._piece_buffer = ctypes.create_string_buffer(-size)
             size = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buffer,
-                                                    len(self._piece_buffer), 0, False)
+                                                    len(self._piece_buffer), 0, special)
         return self._piece_buffer.raw[:size]
+
+    @staticmethod
+    def _send_piece(slot: _Slot, text: str) -> None:
+        assert slot.job is not None
+        entries, slot.logprobs = slot.logprobs, []
+        _notify(slot.job.on_piece, text, entries)
 
     def _finish(self, slot: _Slot, reason: str) -> None:
         job = slot.job
         assert job is not None
         finished = time.perf_counter_ns()
         tail = slot.pending_text + slot.decoder.decode(b"", final=True)
-        if tail and reason != "cancel":
-            _notify(job.on_piece, tail)
+        if (tail or slot.logprobs) and reason != "cancel":
+            self._send_piece(slot, tail)
         if reason == "cancel":
             self._drop_kv(slot)
         # A finished sequence keeps its KV for prefix reuse: with one stream per slot those
@@ -584,10 +602,10 @@ class BatchEngine:
             slot.sampler = None
 
 
-def _notify(callback: Callable[[Any], None], value: Any) -> None:
+def _notify(callback: Callable[..., None], *values: Any) -> None:
     """Run a request's callback; one that raises (say, a closed pipe) must not stop the others."""
     try:
-        callback(value)
+        callback(*values)
     except Exception:  # noqa: BLE001
         log.exception("a batch engine callback failed")
 

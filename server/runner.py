@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from multiprocessing.connection import Connection
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 
 class InputError(ValueError):
@@ -307,10 +307,7 @@ class _Runner:
                              name="batch-engine", daemon=True).start()
         while (message := self.jobs.get()) is not None:
             job_id = message.get("id", -1)
-            # The batch engine has no logprobs; such a request takes the one-at-a-time path, unless it
-            # has images, which only the engine reads.
-            if message.get("op") == "generate" and self.engine is not None and (
-                    message.get("logprobs") is None or message.get("images")):
+            if message.get("op") == "generate" and self.engine is not None:
                 self.submit_batched(message)
                 continue
             try:
@@ -353,8 +350,8 @@ class _Runner:
             return
 
         # These run on the engine thread, during a step: their messages wait in the outbox.
-        def on_piece(text: str) -> None:
-            self.outbox.append({"id": job_id, "type": "token", "text": text})
+        def on_piece(text: str, logprobs: list[dict[str, Any]]) -> None:
+            self.outbox.append({"id": job_id, "type": "token", "text": text, **take_logprobs(logprobs)})
 
         def on_done(stats: dict[str, Any]) -> None:
             self.forget(job_id)
@@ -370,7 +367,7 @@ class _Runner:
             self.engine.submit(job_id, tokens, message.get("options", {}),
                                grammar._grammar if grammar is not None else None, on_piece, on_done, on_error,
                                shift=message.get("shift", True) is not False, text=message.get("prompt", ""),
-                               images=message.get("images") or ())
+                               images=message.get("images") or (), top_logprobs=message.get("logprobs"))
             if job_id in self.cancelled:
                 self.engine.cancel(job_id)
 
@@ -486,24 +483,10 @@ class _Runner:
         })
 
     def token_logprobs(self, token: int, top_n: int) -> dict[str, Any]:
-        """Ollama's logprob entry for the token just sampled: log-softmax of the model's logits (before
-        any sampling transform), plus the `top_n` likeliest tokens at that position."""
-        import numpy as np
-
+        """The logprob entry of the token just sampled, from the last logits row."""
         llm = self.llm
-        logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        peak = float(logits.max())
-        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
-        entry = self._logprob(token, float(logits[token]) - log_total)
-        if top_n > 0:
-            best = np.argpartition(logits, -top_n)[-top_n:]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            entry["top_logprobs"] = [self._logprob(int(t), float(logits[t]) - log_total) for t in best]
-        return entry
-
-    def _logprob(self, token: int, value: float) -> dict[str, Any]:
-        data = bytes(self.llm.detokenize([token], special=True))
-        return {"token": data.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(data)}
+        return logprob_entry(self.llama_cpp.llama_get_logits_ith(llm.ctx, -1), llm.n_vocab(), token, top_n,
+                             lambda t: bytes(llm.detokenize([t], special=True)))
 
     def grammar_for(self, fmt: Any) -> Any:
         """`format` "json" or a JSON Schema object, as a llama.cpp grammar (None for free text)."""
@@ -559,6 +542,30 @@ class _Runner:
                 verbose=False,
             )
         return self.embedder
+
+
+def logprob_entry(logits_row: Any, n_vocab: int, token: int, top_n: int,
+                  text_of: Callable[[int], bytes]) -> dict[str, Any]:
+    """Ollama's logprob entry for a sampled token: log-softmax of the model's raw logits (before any
+    sampling transform) at `logits_row` (a llama.cpp float pointer), plus the `top_n` likeliest
+    tokens at that position; `text_of` gives a token's bytes, special tokens included."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(logits_row, shape=(n_vocab,))
+    peak = float(logits.max())
+    log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+
+    def entry(candidate: int) -> dict[str, Any]:
+        data = text_of(candidate)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": float(logits[candidate]) - log_total,
+                "bytes": list(data)}
+
+    chosen = entry(token)
+    if top_n > 0:
+        best = np.argpartition(logits, -top_n)[-top_n:]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        chosen["top_logprobs"] = [entry(int(t)) for t in best]
+    return chosen
 
 
 def take_logprobs(logprobs: list[dict[str, Any]]) -> dict[str, Any]:

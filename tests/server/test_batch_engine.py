@@ -21,7 +21,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from server.batch_engine import BatchEngine  # noqa: E402
-from server.runner import InputError  # noqa: E402
+from server.runner import InputError, logprob_entry  # noqa: E402
 
 SLOT_CTX = 512
 PROMPTS = [
@@ -69,6 +69,8 @@ class Outcome:
     text: str = ""
     stats: dict[str, Any] | None = None
     error: Exception | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    pieces: int = 0
 
     @property
     def generated(self) -> list[int]:
@@ -85,13 +87,15 @@ class Driver:
     next_id: int = 0
 
     def submit(self, tokens: list[int], options: dict[str, Any], grammar: str | None = None,
-               shift: bool = True) -> int:
+               shift: bool = True, top_logprobs: int | None = None) -> int:
         self.next_id += 1
         job_id = self.next_id
         outcome = self.outcomes[job_id] = Outcome()
 
-        def piece(text: str) -> None:
+        def piece(text: str, logprobs: list[dict[str, Any]]) -> None:
             outcome.text += text
+            outcome.logprobs += logprobs
+            outcome.pieces += 1
 
         def done(stats: dict[str, Any]) -> None:
             outcome.stats = stats
@@ -99,7 +103,8 @@ class Driver:
         def error(exc: Exception) -> None:
             outcome.error = exc
 
-        self.engine.submit(job_id, tokens, options, grammar, piece, done, error, shift=shift)
+        self.engine.submit(job_id, tokens, options, grammar, piece, done, error, shift=shift,
+                           top_logprobs=top_logprobs)
         return job_id
 
     def run(self, max_steps: int = 10_000) -> None:
@@ -356,7 +361,7 @@ def test_run_forever_serves_submissions_from_other_threads(gguf_path: Path, llm:
                 finished.set()
 
         for job_id, prompt in enumerate(PROMPTS[:3]):
-            engine.submit(job_id, tokens_of(llm, prompt), GREEDY, None, lambda _t: None, done,
+            engine.submit(job_id, tokens_of(llm, prompt), GREEDY, None, lambda _t, _l: None, done,
                           lambda exc: pytest.fail(str(exc)))
         assert finished.wait(120)
         assert all(r["eval_count"] == 24 for r in results)
@@ -390,3 +395,54 @@ def test_a_grammar_that_cannot_be_satisfied_ends_only_its_own_sequence(engine: B
     assert isinstance(error, InputError) and "can no longer match the requested format" in str(error)
     assert len(driver.outcomes[alive].generated) == 24
     assert_kv_matches_slots(engine)
+
+
+def _expected_logprobs(llm: Any, prompt: list[int], generated: list[int]) -> list[dict[str, Any]]:
+    """Each generated token's logprob entry as the unbatched model computes it, position by position."""
+    llm.reset()
+    llm.eval(prompt)
+    expected = []
+    for token in generated:
+        expected.append(logprob_entry(llama_cpp.llama_get_logits_ith(llm.ctx, -1), llm.n_vocab(), token, 3,
+                                      lambda t: bytes(llm.detokenize([t], special=True))))
+        llm.eval([token])
+    return expected
+
+
+def test_logprobs_of_a_sequence_alone_are_the_unbatched_models(engine: BatchEngine, llm: Any) -> None:
+    engine.forget_prefixes()  # evaluated whole, as the unbatched model does
+    tokens = tokens_of(llm, PROMPTS[0])
+    driver = Driver(engine)
+    job = driver.submit(tokens, GREEDY, top_logprobs=3)
+    driver.run()
+    outcome = driver.outcomes[job]
+    assert len(outcome.logprobs) == len(outcome.generated) == GREEDY["num_predict"]
+    for entry, expected in zip(outcome.logprobs, _expected_logprobs(llm, tokens, outcome.generated)):
+        assert entry["token"] == expected["token"] and entry["bytes"] == expected["bytes"]
+        assert abs(entry["logprob"] - expected["logprob"]) < 1e-3
+        assert [t["token"] for t in entry["top_logprobs"]] == [t["token"] for t in expected["top_logprobs"]]
+
+
+def test_logprobs_in_a_batch_come_from_their_own_sequence(engine: BatchEngine, llm: Any) -> None:
+    """A logprobs request runs batched like any other: one entry per generated token, sent with
+    the piece that completes its text, from its own sequence's logits row (three other prompts
+    share the batch; their requests get no entries)."""
+    engine.forget_prefixes()  # each request on a fresh slot: the logprobs one is neither first nor last
+    tokens = tokens_of(llm, PROMPTS[0])
+    driver = Driver(engine)
+    others = [driver.submit(tokens_of(llm, PROMPTS[1]), GREEDY)]
+    job = driver.submit(tokens, GREEDY, top_logprobs=3)
+    others += [driver.submit(tokens_of(llm, prompt), GREEDY) for prompt in PROMPTS[2:]]
+    driver.run()
+    outcome = driver.outcomes[job]
+    entries = outcome.logprobs
+    assert len(entries) == len(outcome.generated) == GREEDY["num_predict"]
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", "replace") == outcome.text
+    assert all(driver.outcomes[other].logprobs == [] for other in others)
+    for entry, expected in zip(entries, _expected_logprobs(llm, tokens, outcome.generated)):
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and top[0]["token"] == entry["token"]  # greedy: the likeliest token was chosen
+        assert top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+        # Among other sequences the numbers round differently (see the module docstring), by far
+        # less than a wrong row would move them.
+        assert abs(entry["logprob"] - expected["logprob"]) < 0.5

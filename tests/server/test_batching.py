@@ -195,3 +195,51 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_a_logprobs_request_runs_batched_and_holds_up_nobody(batching_server: BerthServer) -> None:
+    """Logprobs are computed in the batch: a request sent while a long logprobs generation streams
+    is answered before it ends (one generated apart would keep everyone waiting until it ends)."""
+    url = batching_server.url + "/api/generate"
+    long_body = {"model": DEFAULT_MODEL_NAME, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": True,
+                 "logprobs": True, "top_logprobs": 2, "options": {"temperature": 0, "num_predict": 160}}
+    short_done = threading.Event()
+    chunks: list[dict] = []
+    tokens_after_short: list[int] = []
+    with httpx.stream("POST", url, json=long_body, timeout=300) as response:
+        for line in response.iter_lines():
+            chunk = json.loads(line)
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                def short() -> None:
+                    body = {"model": DEFAULT_MODEL_NAME, "prompt": "The sea is", "raw": True, "stream": False,
+                            "options": {"num_predict": 4, "seed": 1}}
+                    assert httpx.post(url, json=body, timeout=300).json()["eval_count"] == 4
+                    short_done.set()
+
+                threading.Thread(target=short).start()
+            elif short_done.is_set():
+                tokens_after_short.append(len(chunk.get("logprobs", ())))
+    final = chunks[-1]
+    assert final["done"] and final["eval_count"] == 160
+    entries = [e for c in chunks for e in c.get("logprobs", ())]
+    assert len(entries) == 160 and all(len(e["top_logprobs"]) == 2 for e in entries)
+    assert short_done.is_set() and sum(tokens_after_short) > 0  # the long one was still going
+
+
+def test_logprobs_are_the_same_with_batching_off(batching_server: BerthServer, tmp_path: Path) -> None:
+    """BERTH_BATCHING=0 generates one request at a time through llama-cpp-python's own loop; its
+    logprob entries for a greedy request are the batch engine's (the same logits, the same math)."""
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": "The capital of France is", "raw": True, "stream": False,
+            "logprobs": True, "top_logprobs": 3, "options": {"temperature": 0, "num_predict": 8}}
+    batched = httpx.post(batching_server.url + "/api/generate", json=body, timeout=300).json()
+    unbatched_server = start_server(tmp_path / "unbatched", tmp_path / "unbatched.log", {"BERTH_BATCHING": "0"})
+    try:
+        alone = httpx.post(unbatched_server.url + "/api/generate", json=body, timeout=300).json()
+    finally:
+        unbatched_server.stop()
+    assert batched["response"] == alone["response"] and len(batched["logprobs"]) == len(alone["logprobs"]) == 8
+    for ours, theirs in zip(batched["logprobs"], alone["logprobs"]):
+        assert ours["token"] == theirs["token"] and ours["bytes"] == theirs["bytes"]
+        assert abs(ours["logprob"] - theirs["logprob"]) < 0.01
+        assert [t["token"] for t in ours["top_logprobs"]] == [t["token"] for t in theirs["top_logprobs"]]
