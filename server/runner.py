@@ -305,34 +305,51 @@ class _Runner:
         if self.engine is not None:
             threading.Thread(target=self.engine.run_forever, kwargs={"after_step": self.flush_outbox},
                              name="batch-engine", daemon=True).start()
+        # Embeddings run on a thread (and context) of their own, one request at a time: a long
+        # embedding batch, or loading that context, must not keep new generations from the engine.
+        embeds: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        embedder = threading.Thread(target=self._serve_embeds, args=(embeds,), name="runner-embed", daemon=True)
+        embedder.start()
         while (message := self.jobs.get()) is not None:
-            job_id = message.get("id", -1)
             if message.get("op") == "generate" and self.engine is not None:
                 self.submit_batched(message)
-                continue
-            try:
-                op = message.get("op")
-                if op == "generate":
-                    self.generate(message)
-                elif op == "embed":
-                    self.embed(message)
-                elif op == "tokenize":
-                    tokens = self.llm.tokenize(message["text"].encode(), add_bos=message.get("add_bos", True),
-                                               special=True)
-                    self.send({"id": job_id, "type": "result", "tokens": list(tokens)})
-                elif op == "detokenize":
-                    text = self.llm.detokenize(message["tokens"]).decode("utf-8", errors="replace")
-                    self.send({"id": job_id, "type": "result", "text": text})
-                else:
-                    self.send({"id": job_id, "type": "error", "message": f"unknown runner operation {op!r}"})
-            except InputError as exc:
-                self.send({"id": job_id, "type": "error", "kind": "input", "message": str(exc)})
-            except Exception as exc:  # noqa: BLE001 - one bad request must not end the runner
-                self.send({"id": job_id, "type": "error", "message": f"{type(exc).__name__}: {exc}"})
-            finally:
-                self.forget(job_id)
+            elif message.get("op") == "embed":
+                embeds.put(message)
+            else:
+                self.run_job(message)
+        embeds.put(None)
         if self.engine is not None:
             self.engine.stop()
+        embedder.join()
+
+    def _serve_embeds(self, embeds: "queue.Queue[dict[str, Any] | None]") -> None:
+        while (message := embeds.get()) is not None:
+            self.run_job(message)
+
+    def run_job(self, message: dict[str, Any]) -> None:
+        """One request handled on the calling thread, answered with its result or its error."""
+        job_id = message.get("id", -1)
+        try:
+            op = message.get("op")
+            if op == "generate":
+                self.generate(message)
+            elif op == "embed":
+                self.embed(message)
+            elif op == "tokenize":
+                tokens = self.llm.tokenize(message["text"].encode(), add_bos=message.get("add_bos", True),
+                                           special=True)
+                self.send({"id": job_id, "type": "result", "tokens": list(tokens)})
+            elif op == "detokenize":
+                text = self.llm.detokenize(message["tokens"]).decode("utf-8", errors="replace")
+                self.send({"id": job_id, "type": "result", "text": text})
+            else:
+                self.send({"id": job_id, "type": "error", "message": f"unknown runner operation {op!r}"})
+        except InputError as exc:
+            self.send({"id": job_id, "type": "error", "kind": "input", "message": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the runner
+            self.send({"id": job_id, "type": "error", "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            self.forget(job_id)
 
     def submit_batched(self, message: dict[str, Any]) -> None:
         """Hand a generation to the batch engine, which streams it back from its own thread."""

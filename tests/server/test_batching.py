@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -243,3 +244,32 @@ def test_logprobs_are_the_same_with_batching_off(batching_server: BerthServer, t
         assert ours["token"] == theirs["token"] and ours["bytes"] == theirs["bytes"]
         assert abs(ours["logprob"] - theirs["logprob"]) < 0.01
         assert [t["token"] for t in ours["top_logprobs"]] == [t["token"] for t in theirs["top_logprobs"]]
+
+
+def test_a_long_embedding_request_holds_up_no_generation(batching_server: BerthServer) -> None:
+    """Embeddings run on a thread and context of their own in the runner: a generation sent while a
+    long batch of inputs is being embedded is answered before that batch is done."""
+    inputs = [f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog while the rain falls. " * 12
+              for i in range(12)]
+    order: list[str] = []
+    started = threading.Event()
+
+    def embed() -> None:
+        started.set()
+        reply = httpx.post(batching_server.url + "/api/embed", json={"model": DEFAULT_MODEL_NAME, "input": inputs},
+                           timeout=300)
+        assert len(reply.json()["embeddings"]) == len(inputs), reply.text
+        order.append("embed")
+
+    # The model is loaded first, so the embedding request starts its work at once.
+    httpx.post(batching_server.url + "/api/generate", json={"model": DEFAULT_MODEL_NAME}, timeout=300)
+    thread = threading.Thread(target=embed)
+    thread.start()
+    started.wait()
+    time.sleep(0.5)  # the embedding request is in the runner by now (it takes seconds)
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": "The sea is", "raw": True, "stream": False,
+            "options": {"num_predict": 4, "seed": 1}}
+    assert httpx.post(batching_server.url + "/api/generate", json=body, timeout=300).json()["eval_count"] == 4
+    order.append("generate")
+    thread.join()
+    assert order == ["generate", "embed"]
