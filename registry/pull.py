@@ -634,7 +634,9 @@ class SharedDownloads:
         self._lock = threading.Lock()
         self._active: dict[Digest, _Shared] = {}
 
-    def join(self, digest: Digest, make: Callable[[], BlobFetch]) -> _Shared:
+    def join(self, digest: Digest, make: Callable[[], BlobFetch], cancel: threading.Event | None = None) -> _Shared:
+        """The download of `digest` in flight, joined, or a new one. `cancel` stops the wait for a
+        download that is being stopped."""
         while True:
             with self._lock:
                 shared = self._active.get(digest)
@@ -647,8 +649,16 @@ class SharedDownloads:
                     shared.waiters += 1
                     return shared
             # A download being stopped (its last waiter left, or it failed) would only hand this pull
-            # its cancel; once it has let go of the partial file, a fresh one resumes from it.
-            shared.done.wait()
+            # its cancel: wait until it has let go of the partial file, then resume from that file.
+            while not shared.done.wait(PROGRESS_INTERVAL):
+                if cancel is not None and cancel.is_set():
+                    raise PullCancelled("pull cancelled; run it again to resume")
+            if shared.error is None:
+                # It finished after all (a cancel that comes during the final sync and rename
+                # stops nothing): the blob is in the store.
+                with self._lock:
+                    shared.waiters += 1
+                return shared
 
     def leave(self, shared: _Shared) -> None:
         with self._lock:
@@ -759,7 +769,8 @@ class Puller:
                     emit(progress(f"pulling {desc.digest.short}", desc.digest, size, size))
                 elif desc.digest not in waiting:
                     waiting[desc.digest] = desc, self.downloads.join(desc.digest, lambda desc=desc: BlobFetch(
-                        self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel, limiters))
+                        self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel, limiters),
+                        cancel)
                     emit(progress(f"pulling {desc.digest.short}", desc.digest, desc.size, 0))
             return self._follow(waiting, emit, cancel)
         finally:
