@@ -579,9 +579,14 @@ def logprob_entry(logits_row: Any, n_vocab: int, token: int, top_n: int,
 
     chosen = entry(token)
     if top_n > 0:
-        best = np.argpartition(logits, -top_n)[-top_n:]
-        best = best[np.argsort(-logits[best], kind="stable")]
-        chosen["top_logprobs"] = [entry(int(t)) for t in best]
+        # An argmax per alternative (at most 20): over a 262k vocabulary several times faster than
+        # argpartition, and this runs inside an engine step every sequence shares.
+        rest = logits.copy()
+        best = []
+        for _ in range(top_n):
+            best.append(int(rest.argmax()))
+            rest[best[-1]] = -np.inf
+        chosen["top_logprobs"] = [entry(t) for t in best]
     return chosen
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.runner import LoadSpec, _split_at_stop, gpu_layers
+from server.runner import LoadSpec, _split_at_stop, gpu_layers, logprob_entry
 
 
 def test_without_a_gpu_backend_everything_runs_on_the_cpu() -> None:
@@ -54,3 +54,22 @@ def test_batch_slots_are_capped_by_the_memory_their_kv_caches_need() -> None:
     assert kv_slots_that_fit(gemma, 8192, 8 * per_slot) == 2
     assert kv_slots_that_fit({"general.architecture": "x"}, 4096, per_slot) > 4  # unknown: no cap
     assert kv_slots_that_fit(gemma, 4096, None) > 4
+
+
+def test_logprob_entry_is_the_log_softmax_with_the_likeliest_alternatives_in_order() -> None:
+    import ctypes
+    import math
+
+    import numpy as np
+
+    values = np.random.default_rng(7).normal(size=5000).astype(np.float32) * 4
+    row = (ctypes.c_float * len(values))(*values.tolist())
+    entry = logprob_entry(row, len(values), 42, 5, lambda t: f"<{t}>".encode())
+    log_total = math.log(sum(math.exp(float(v)) for v in values))
+    assert entry["token"] == "<42>" and entry["bytes"] == list(b"<42>")
+    assert abs(entry["logprob"] - (float(values[42]) - log_total)) < 1e-4
+    expected = [int(i) for i in np.argsort(-values, kind="stable")[:5]]
+    assert [t["token"] for t in entry["top_logprobs"]] == [f"<{i}>" for i in expected]
+    assert all(abs(t["logprob"] - (float(values[i]) - log_total)) < 1e-4
+               for t, i in zip(entry["top_logprobs"], expected))
+    assert "top_logprobs" not in logprob_entry(row, len(values), 42, 0, lambda t: b"x")
