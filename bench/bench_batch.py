@@ -85,6 +85,11 @@ def pct(values: list[float], q: int) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def ttft_growth(results: dict[int, "Result"], top: int) -> float:
+    """p99 time to first token with `top` requests at once, as a multiple of one request's."""
+    return pct(results[top].ttft, 99) / pct(results[1].ttft, 99)
+
+
 def summarise(requests: list[Request], started: float, finished: float) -> Result:
     ttft = [r.token_times[0] - r.arrival for r in requests if r.token_times]
     itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
@@ -354,7 +359,7 @@ def main() -> None:
                 print(f"N={n}  http  {http[n].line()}  x{http[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw "
                       f"(streaming clients of a live server)")
             top = max(CONCURRENCY)
-            print(f"time to first token N={top}/N=1 through HTTP: p99 {pct(http[top].ttft, 99) / pct(http[1].ttft, 99):.1f}x")
+            print(f"time to first token N={top}/N=1 through HTTP: p99 {ttft_growth(http, top):.1f}x")
 
         binary = find_tool("llama-batched-bench", args.batched_bench)
         ceiling: dict[int, Ceiling] = {}
@@ -372,7 +377,7 @@ def main() -> None:
                           + (f"  http/end-to-end {http[n].tokens_per_s / c.end_to_end:.2f}" if n in http else ""))
             if 1 in ceiling and max(CONCURRENCY) in ceiling:
                 top = max(CONCURRENCY)
-                print(f"time to first token N={top}/N=1: berth p99 {pct(berth[top].ttft, 99) / pct(berth[1].ttft, 99):.1f}x;"
+                print(f"time to first token N={top}/N=1: berth p99 {ttft_growth(berth, top):.1f}x;"
                       f" llama.cpp's own prefill of {top} prompts at once vs one: "
                       f"{ceiling[top].prefill_s / ceiling[1].prefill_s:.1f}x (a floor when all arrive together)")
         server_binary = find_tool("llama-server", args.llama_server, beside=binary)
@@ -389,8 +394,8 @@ def main() -> None:
             wide = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads, top)
             for n in (1, top):
                 print(f"N={n}  llama-server -np {top}  {wide[n].line()}")
-            print(f"time to first token N={top}/N=1 through HTTP, p99: berth {pct(http[top].ttft, 99) / pct(http[1].ttft, 99):.1f}x,"
-                  f" llama-server -np {top} {pct(wide[top].ttft, 99) / pct(wide[1].ttft, 99):.1f}x")
+            print(f"time to first token N={top}/N=1 through HTTP, p99: berth {ttft_growth(http, top):.1f}x,"
+                  f" llama-server -np {top} {ttft_growth(wide, top):.1f}x")
         print(json.dumps({
             "threads": args.threads, "tokens": args.tokens,
             "raw": {n: round(r.tokens_per_s, 1) for n, r in raw.items()},

@@ -153,13 +153,12 @@ class BlobFetch:
         self._landed: list[int] = []
         self._durable: list[int] = []
         self._claimed: list[bool] = []
-        # Chunk checks known in this run and not yet in the catalog (see _advance).
+        # Chunk checks known in this run and not yet in the catalog (see _record_check).
         self._checksums: dict[int, str] = {}
         self._unsynced = 0
         self._hashing = -1  # the chunk the hasher waits on: only its writer needs to wake it
-        # The blob's sha256 and how far it has been fed, in order (by the hashing thread only).
+        # The blob's sha256, fed in order through whole chunks (by the hashing thread only).
         self._whole = hashlib.sha256()
-        self._hashed = 0
         self._failure: BaseException | None = None
         self._stopping = False
         # Serialises checkpoints, so an older snapshot can never overwrite a newer one in the catalog.
@@ -352,23 +351,18 @@ class BlobFetch:
                     self._hash_range(fd, plan, idx, (legacy, candidate))
                     matches = legacy.matches()
                 if matches:
-                    self._whole, self._hashed = candidate, plan.bounds(idx)[1]
+                    self._whole = candidate
                     break
                 # The bytes on disk changed since they were checked (disk damage, tampering): fetch again.
                 self._restart_chunk(idx)
                 pool.submit(self._stream_guarded, fd, plan)
             else:
-                self._follow(fd, plan, idx)
+                self._hash_range(fd, plan, idx, (self._whole,))
+                self._record_check(idx)
         return Digest(self._whole.hexdigest())
 
-    def _follow(self, fd: int, plan: ChunkPlan, idx: int) -> None:
-        """Move the hashed front through chunk `idx` as its bytes land."""
-        start, end = plan.bounds(idx)
-        while (front := self._hashed) < end:
-            landed_end = start + self._wait_for_bytes(idx, front - start)
-            self._advance(plan, self._read_into(fd, front, landed_end, (self._whole,)))
-
     def _hash_range(self, fd: int, plan: ChunkPlan, idx: int, hashes: tuple["Hasher", ...]) -> None:
+        """Feed chunk `idx` to `hashes` as its bytes land."""
         start, end = plan.bounds(idx)
         offset = start
         while offset < end:
@@ -388,16 +382,13 @@ class BlobFetch:
             offset += count
         return offset
 
-    def _advance(self, plan: ChunkPlan, front: int) -> None:
-        """The sha256 has been fed up to `front`. At a chunk's end, that chunk's check is the
-        digest of the blob's bytes up to there: known for free (no second hash of the bytes), and a
-        resume, which rebuilds the same running sha256 from the file, compares it as it goes."""
-        self._hashed = front
-        if front % plan.chunk_size == 0 or front == plan.size:
-            idx = (front - 1) // plan.chunk_size
-            check = PREFIX_CHECK + self._whole.copy().hexdigest()
-            with self._cond:
-                self._checksums[idx] = check
+    def _record_check(self, idx: int) -> None:
+        """The sha256 has been fed through chunk `idx`: its check is the digest of the blob's bytes
+        up to there, known for free (no second hash of the bytes); a resume, which rebuilds the same
+        running sha256 from the file, compares it as it goes."""
+        check = PREFIX_CHECK + self._whole.copy().hexdigest()
+        with self._cond:
+            self._checksums[idx] = check
 
     def _wait_for_bytes(self, idx: int, hashed: int) -> int:
         """Block until chunk `idx` has more than `hashed` bytes landed; return how many it has."""

@@ -321,10 +321,11 @@ class BatchEngine:
         if job.images:
             self._start_with_images(job, free[0], sampler)
             return
-        # The free slot whose cached tokens share the longest prefix: a continuing chat lands
-        # where its history already is.
-        slot = max(free, key=lambda s: _common_prefix(s.cached, job.prompt))
-        reuse = self._reusable_prefix(slot, job.prompt)
+        # How much of the prompt each sequence holds; the free slot that holds the most takes it,
+        # so a continuing chat lands where its history already is.
+        held = {s.seq_id: _common_prefix(s.cached, job.prompt) for s in self._slots}
+        slot = max(free, key=lambda s: held[s.seq_id])
+        reuse = self._reusable_prefix(slot, job.prompt, held)
         self._assign(slot, job, sampler, cached=job.prompt[:reuse], to_prefill=job.prompt[reuse:])
 
     def _start_with_images(self, job: _Job, slot: _Slot, sampler: Any) -> None:
@@ -363,9 +364,9 @@ class BatchEngine:
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
 
-    def _reusable_prefix(self, slot: _Slot, prompt: list[int]) -> int:
+    def _reusable_prefix(self, slot: _Slot, prompt: list[int], held: Mapping[int, int]) -> int:
         """How many leading prompt tokens `slot`'s sequence holds for `prompt` (the rest of its KV
-        is dropped). Its own cached tokens, unless another sequence holds a longer prefix (a system
+        is dropped); `held`: each sequence's common prefix with `prompt`, by seq_id. Its own cached tokens, unless another sequence holds a longer prefix (a system
         prompt or chat template many users share): then that one's cells join `slot`'s sequence,
         shared without copying in the unified buffer; a shared cell is freed when no sequence holds
         it (a context shift drops and re-evaluates a sequence's cells, never moves them). None in
@@ -373,9 +374,9 @@ class BatchEngine:
         llama_cpp = self._llama
         # At least the last prompt token is always evaluated: its logits give the first token.
         limit = 0 if self.batch_invariant else len(prompt) - 1
-        reuse = min(_common_prefix(slot.cached, prompt), limit)
-        donor = max(self._slots, key=lambda s: _common_prefix(s.cached, prompt))
-        shared = min(_common_prefix(donor.cached, prompt), limit)
+        reuse = min(held[slot.seq_id], limit)
+        donor = max(self._slots, key=lambda s: held[s.seq_id])
+        shared = min(held[donor.seq_id], limit)
         if shared > reuse and shared >= SHARE_MIN_TOKENS and self._window_holds(donor, shared):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
