@@ -8,9 +8,9 @@ Sequence and progress statuses follow Ollama (spec/ollama-registry.md §4): `pul
   and every digest in it is validated (`Manifest.parse`) before any path or URL is built from it.
 * A missing blob is fetched over `Range` requests into `blobs/sha256-<hex>-partial` (not a blob
   name, so nothing can mistake it for a finished blob). It is cut into fixed-size chunks, the unit
-  of resume: a stream claims a run of consecutive chunks and fetches it with one request, read in
-  large pieces straight from the connection (`raw_body`). One stream starts; more are added, one
-  at a time, while each raises the throughput (a far or per-connection-throttled registry gets up
+  of resume: a stream claims a run of consecutive chunks and fetches it with one request, moved
+  from the connection into the file with as few copies as it allows (registry/body.py). One
+  stream starts; more are added, one at a time, while each raises the throughput (a far or per-connection-throttled registry gets up
   to `parallel`; a fast local one keeps one, which costs least CPU). One thread hashes the whole
   blob in order, following the bytes as they land, so the digest is known when the last byte lands
   (no second pass), and at each chunk's end the running digest is that chunk's check. Another
@@ -19,6 +19,9 @@ Sequence and progress statuses follow Ollama (spec/ollama-registry.md §4): `pul
   and no stream waits on the disk. A killed pull resumes: the durable chunks are re-read once
   (rebuilding the sha256 and comparing each recorded check, a damaged chunk fetched again) and only
   the rest is fetched.
+* A blob of at most 1 MiB (config, template, license, parameters) is fetched whole in one GET
+  through the store's writer (`WholeBlobFetch`): no partial file or journal, so a pull's fixed cost
+  is mostly the manifest and the tag.
 * Rate caps (registry/rate.py) are token buckets shared by all chunk threads.
 * A blob whose bytes do not match is deleted with its partial state and the pull fails; the tag is
   committed (one transaction, `Library.tag`) only after every blob is in the store, verified.
@@ -30,20 +33,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import ssl
 import threading
 import time
 import zlib
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
-import httpcore
 import httpx
 
 from registry.blobstore import BlobStore
+from registry.body import write_body
 from registry.catalog.downloads import DownloadJournal
 from registry.digest import Digest
 from registry.errors import BerthError, DigestMismatch, InvalidInput
@@ -71,6 +73,8 @@ RAMP_GAIN = 1.15
 # landed since the last time, on a thread of their own: a kill loses at most about this much.
 CHECKPOINT_BYTES = 16 * 1024 * 1024
 READ_SIZE = 1024 * 1024
+# A blob up to this size is fetched whole (WholeBlobFetch): no chunks, journal or partial file.
+WHOLE_BLOB_BYTES = 1024 * 1024
 HASH_READ = 4 * 1024 * 1024
 PROGRESS_INTERVAL = 0.1
 PARTIAL_SUFFIX = "-partial"
@@ -157,6 +161,7 @@ class BlobFetch:
         self._checksums: dict[int, str] = {}
         self._unsynced = 0
         self._hashing = -1  # the chunk the hasher waits on: only its writer needs to wake it
+        self._streams = 0  # streams running (the ramp adds them)
         # The blob's sha256, fed in order through whole chunks (by the hashing thread only).
         self._whole = hashlib.sha256()
         self._failure: BaseException | None = None
@@ -406,6 +411,8 @@ class BlobFetch:
 
     def _stream_guarded(self, fd: int, plan: ChunkPlan) -> None:
         """One stream: claims runs of chunks and fetches each with one request, until none is left."""
+        with self._cond:
+            self._streams += 1
         try:
             while (run := self._claim(plan)) is not None:
                 self._fetch_run(fd, plan, *run)
@@ -414,15 +421,19 @@ class BlobFetch:
                 if self._failure is None and not isinstance(exc, PullCancelled):
                     self._failure = exc
                 self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._streams -= 1
 
     def _claim(self, plan: ChunkPlan) -> tuple[int, int] | None:
         """Claim the first unfinished chunks, [first, stop): at most RUN_CHUNKS, and few enough that
-        every stream gets a share of what is left (so all of them stay busy to the end)."""
+        every running stream gets a share of what is left (so all of them stay busy to the end). A
+        lone stream takes whole runs: each request is a new connection, which costs on a fast link."""
         with self._cond:
             pending = [i for i in range(plan.count) if self._unclaimed(plan, i)]
             if not pending:
                 return None
-            share = max(1, min(RUN_CHUNKS, -(-len(pending) // self.parallel)))
+            share = max(1, min(RUN_CHUNKS, -(-len(pending) // max(1, self._streams))))
             first = stop = pending[0]
             while stop < plan.count and stop - first < share and self._unclaimed(plan, stop):
                 self._claimed[stop] = True
@@ -485,18 +496,16 @@ class BlobFetch:
                     raise RegistryError(f"{self.repo.host} answered range {served!r} for bytes={offset}-")
             # Raw bytes: no content decoding, so a compressed body cannot expand (a gzip bomb is
             # just wrong bytes, caught by the digest).
-            for data in raw_body(response, self.client.timeouts.read, buffer):
-                if self.cancel.is_set():
-                    raise PullCancelled("pull cancelled")
-                offset = self._land(fd, plan, offset, end, data)
-                if offset >= end:
-                    return
+            with closing(write_body(response, fd, offset, end - offset, self.client.timeouts.read,
+                                    buffer)) as pieces:
+                for count in pieces:
+                    offset = self._land(plan, offset, count)
+                    if self.cancel.is_set():
+                        raise PullCancelled("pull cancelled")
 
-    def _land(self, fd: int, plan: ChunkPlan, offset: int, end: int, data: bytes | memoryview) -> int:
-        """Write received bytes at `offset`, publish them as landed, pay the rate caps; new offset."""
-        piece = memoryview(data)[:end - offset]
-        _pwrite_all(fd, piece, offset)
-        position, stop = offset, offset + len(piece)
+    def _land(self, plan: ChunkPlan, offset: int, count: int) -> int:
+        """Publish `count` bytes written at `offset` as landed and pay the rate caps; new offset."""
+        position, stop = offset, offset + count
         wake = False
         while position < stop:
             idx = position // plan.chunk_size
@@ -507,13 +516,82 @@ class BlobFetch:
                 wake = wake or self._hashing == idx
             position = upto
         with self._cond:
-            self.fetched += len(piece)
-            self._unsynced += len(piece)
+            self.fetched += count
+            self._unsynced += count
             if wake or self._unsynced >= CHECKPOINT_BYTES:
                 self._cond.notify_all()
         for limiter in self.limiters:
-            limiter.consume(len(piece), self.cancel.is_set)
+            limiter.consume(count, self.cancel.is_set)
         return stop
+
+
+class WholeBlobFetch:
+    """A blob of at most WHOLE_BLOB_BYTES (a config, template, license or parameters): one GET
+    through the store's writer (a locked temporary file, hashed as written, fsynced, renamed), with
+    no partial file, journal or threads of its own. Such a blob costs less to fetch again than its
+    resume records would cost to keep; a pull is mostly these plus one large blob."""
+
+    def __init__(self, client: RegistryClient, repo: Repository, desc: Descriptor, store: BlobStore,
+                 limiters: tuple[RateLimiter, ...] = ()) -> None:
+        self.client = client
+        self.repo = repo
+        self.desc = desc
+        self.store = store
+        self.limiters = limiters
+        self.cancel = threading.Event()
+        self.total = desc.size
+        self.fetched = 0  # bytes received in this run, retries included
+        self.completed = 0  # bytes of the current attempt (the progress figure)
+
+    def run(self) -> None:
+        failures, last_error = 0, ""
+        while failures < self.client.retry.attempts:
+            try:
+                return self._fetch()
+            except (httpx.TransportError, _EndedEarly) as exc:
+                last_error = describe(exc) if isinstance(exc, httpx.TransportError) else str(exc)
+            failures += 1
+            time.sleep(self.client.retry.backoff(failures - 1))
+        raise RegistryError(f"downloading {self.desc.digest} from {self.repo.host} failed {failures} times "
+                            f"({last_error}); run the pull again")
+
+    def _fetch(self) -> None:
+        digest = self.desc.digest
+        headers = {"Accept-Encoding": "identity"}  # raw bytes: a compressed body cannot expand
+        with self.store.writer(digest, max_size=self.total) as writer:
+            with self.client.stream("GET", self.repo.blob_url(digest), self.repo, self.repo.scope("pull"),
+                                    headers=headers) as response:
+                self.completed = 0
+                for data in response.iter_raw():
+                    if self.cancel.is_set():
+                        raise PullCancelled("pull cancelled")
+                    writer.write(data)  # TooLarge past the manifest's size: a registry sending more
+                    self.fetched += len(data)
+                    self.completed += len(data)
+                    for limiter in self.limiters:
+                        limiter.consume(len(data), self.cancel.is_set)
+            if writer.size != self.total:
+                raise _EndedEarly(f"the body ended after {writer.size} of {self.total} bytes")
+            try:
+                writer.commit()
+            except DigestMismatch as exc:
+                raise BlobDigestMismatch(digest, Digest.parse(exc.actual), self.repo.host) from None
+
+
+class _EndedEarly(Exception):
+    pass
+
+
+class Fetch(Protocol):
+    """What SharedDownloads runs and pulls follow: BlobFetch or WholeBlobFetch."""
+
+    cancel: threading.Event
+    fetched: int
+
+    @property
+    def completed(self) -> int: ...
+
+    def run(self) -> None: ...
 
 
 class Hasher(Protocol):
@@ -548,71 +626,9 @@ class ChunkCheck:
         return False  # a checksum this version does not know: fetch the chunk again
 
 
-def raw_body(response: httpx.Response, read_timeout: float | None, buffer: bytearray) -> Iterator[bytes | memoryview]:
-    """A streamed response's raw bytes, in pieces of up to len(buffer); a piece is only valid until
-    the next one is asked for (it may be a view of `buffer`, which is reused).
-
-    httpx hands a body over in 64 KiB pieces, each through h11's buffer and a new bytes object; at
-    loopback and LAN speeds that bookkeeping, not the network, was what limited a pull. For a plain
-    HTTP/1.1 body with a Content-Length, the first piece h11 hands over is everything it buffered
-    past the headers (its length reader empties its buffer), so the rest is read from the connection
-    directly into `buffer`. The connection is then closed rather than reused, since h11 never saw
-    the end of the body. Anything else (chunked bodies, other protocols) goes through httpx as usual."""
-    pieces = response.iter_raw()
-    stream = response.extensions.get("network_stream")
-    length = response.headers.get("content-length", "")
-    if (stream is None or response.http_version != "HTTP/1.1" or not length.isdigit()
-            or "transfer-encoding" in response.headers):
-        yield from pieces
-        return
-    left = int(length)
-    first = next(pieces, b"")
-    left -= len(first)
-    if first:
-        yield first
-    sock = _direct_socket(stream)
-    view = memoryview(buffer)
-    while left > 0:
-        want = min(len(buffer), left)
-        try:
-            if sock is not None:
-                sock.settimeout(read_timeout)
-                data: bytes | memoryview = view[:sock.recv_into(view, want)]
-            else:
-                data = stream.read(want, read_timeout)
-        except (socket.timeout, httpcore.TimeoutException) as exc:
-            raise httpx.ReadTimeout(str(exc) or "timed out", request=response.request) from None
-        except (OSError, httpcore.NetworkError) as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__, request=response.request) from None
-        if not data:
-            raise httpx.RemoteProtocolError(f"the connection closed {left} bytes before the end of the body",
-                                            request=response.request)
-        left -= len(data)
-        yield data
-
-
-def _direct_socket(stream: Any) -> socket.socket | None:
-    """The socket the body can be read from straight into a buffer: a plain or TLS socket whose
-    bytes are the body; not the outer socket of TLS tunnelled in TLS (whose bytes are still sealed)."""
-    sock = stream.get_extra_info("socket")
-    if isinstance(sock, ssl.SSLSocket):
-        return sock
-    if isinstance(sock, socket.socket) and stream.get_extra_info("ssl_object") is None:
-        return sock
-    return None
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """pwrite may write less than asked (signals, quotas); loop until all of it is in the file."""
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data = data[written:]
-        offset += written
-
-
 @dataclass
 class _Shared:
-    fetch: BlobFetch
+    fetch: Fetch
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     waiters: int = 0
@@ -625,7 +641,7 @@ class SharedDownloads:
         self._lock = threading.Lock()
         self._active: dict[Digest, _Shared] = {}
 
-    def join(self, digest: Digest, make: Callable[[], BlobFetch], cancel: threading.Event | None = None) -> _Shared:
+    def join(self, digest: Digest, make: Callable[[], Fetch], cancel: threading.Event | None = None) -> _Shared:
         """The download of `digest` in flight, joined, or a new one. `cancel` stops the wait for a
         download that is being stopped."""
         while True:
@@ -759,14 +775,20 @@ class Puller:
                     size = store.size(desc.digest)
                     emit(progress(f"pulling {desc.digest.short}", desc.digest, size, size))
                 elif desc.digest not in waiting:
-                    waiting[desc.digest] = desc, self.downloads.join(desc.digest, lambda desc=desc: BlobFetch(
-                        self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel, limiters),
-                        cancel)
+                    waiting[desc.digest] = desc, self.downloads.join(
+                        desc.digest, lambda desc=desc: self._fetch_of(repo, desc, limiters), cancel)
                     emit(progress(f"pulling {desc.digest.short}", desc.digest, desc.size, 0))
             return self._follow(waiting, emit, cancel)
         finally:
             for _, shared in waiting.values():
                 self.downloads.leave(shared)
+
+    def _fetch_of(self, repo: Repository, desc: Descriptor, limiters: tuple[RateLimiter, ...]) -> Fetch:
+        store = self.library.blobs
+        if desc.size <= WHOLE_BLOB_BYTES and not partial_path(store, desc.digest).exists():
+            return WholeBlobFetch(self.client, repo, desc, store, limiters)
+        # Large, or small with a partial file an earlier version left: resumed (and then cleared).
+        return BlobFetch(self.client, repo, desc, store, self.journal, self.chunk_size, self.parallel, limiters)
 
     @staticmethod
     def _follow(waiting: dict[Digest, tuple[Descriptor, _Shared]], emit: Emit, cancel: threading.Event) -> int:
@@ -794,4 +816,4 @@ class Puller:
 
 
 __all__ = ["BlobFetch", "DOCKER_MANIFEST", "PullCancelled", "PullResult", "Puller", "SharedDownloads",
-           "fetch_manifest", "partial_path", "progress"]
+           "WholeBlobFetch", "fetch_manifest", "partial_path", "progress"]
