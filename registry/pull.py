@@ -27,10 +27,13 @@ Sequence and progress statuses follow Ollama (spec/ollama-registry.md §4): `pul
   committed (one transaction, `Library.tag`) only after every blob is in the store, verified.
 * Two pulls of the same blob in one server share one download (`SharedDownloads`, owned by the
   app); when the last one waiting gives up, the download stops and its partial file stays for later.
+  Across processes on one store (two servers, or `berth` beside a server) the partial file's lock
+  (flock) lets one download it; another waits, then finds the blob done or resumes the download.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -177,8 +180,14 @@ class BlobFetch:
     def run(self) -> None:
         digest = self.desc.digest
         path = partial_path(self.store, digest)
-        plan, recorded = self._prepare(path)
-        fd = os.open(path, os.O_RDWR)
+        fd = self._open_locked(path)
+        if fd is None:
+            return  # another process's download of it finished while this one waited
+        try:
+            plan, recorded = self._prepare(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         checkpointer = threading.Thread(target=self._checkpoint_loop, args=(fd,), daemon=True,
                                         name=f"pull-sync-{digest.short}")
         checkpointer.start()
@@ -198,10 +207,10 @@ class BlobFetch:
             raise BlobDigestMismatch(digest, actual, self.repo.host)
         try:
             os.fsync(fd)  # the checkpoints already flushed most of it
+            os.fchmod(fd, 0o644)
+            os.replace(path, self.store.path(digest))  # still locked: a waiting process sees it gone
         finally:
             os.close(fd)
-        os.chmod(path, 0o644)
-        os.replace(path, self.store.path(digest))
         self.store.sync_dir()
         self.journal.forget(digest)
 
@@ -251,11 +260,38 @@ class BlobFetch:
 
     # -- preparation ----------------------------------------------------------------------------
 
-    def _prepare(self, path: Path) -> tuple[ChunkPlan, dict[int, str]]:
+    def _open_locked(self, path: Path) -> int | None:
+        """The partial file, opened (created if new) and locked, so that one process at a time
+        downloads a blob into a store (two servers, or `berth` beside a server, on one store): a
+        download another process is making is waited for, then resumed or found finished (None)."""
+        while True:
+            if self.store.exists(self.desc.digest):
+                return None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if self.cancel.wait(PROGRESS_INTERVAL):
+                            raise PullCancelled("pull cancelled; run it again to resume") from None
+                try:
+                    still_there = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    still_there = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if still_there:
+                return fd
+            os.close(fd)  # the file waited on was published or discarded meanwhile: look again
+
+    def _prepare(self, fd: int) -> tuple[ChunkPlan, dict[int, str]]:
         """Resume from recorded state when it still fits the file on disk; else start afresh."""
         digest, size = self.desc.digest, self.desc.size
         state = self.journal.load(digest)
-        if state is not None and state.size == size and path.is_file() and path.stat().st_size == size:
+        if state is not None and state.size == size and os.fstat(fd).st_size == size:
             plan = ChunkPlan(size, state.chunk_size)
             self._landed = [min(state.chunks[i].completed, self._length(plan, i)) if i in state.chunks else 0
                             for i in range(plan.count)]
@@ -263,8 +299,8 @@ class BlobFetch:
         else:
             plan = ChunkPlan(size, self.chunk_size)
             self.journal.start(digest, size, plan.chunk_size)
-            with open(path, "wb") as handle:
-                handle.truncate(size)
+            os.ftruncate(fd, 0)  # nothing of an unrecorded file is trusted
+            os.ftruncate(fd, size)
             self._landed = [0] * plan.count
             recorded = {}
         self._durable = list(self._landed)

@@ -30,7 +30,7 @@ from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER
 from registry.names import ModelName
 from registry.network import NetworkSettings
 from registry.oci import RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, RetryPolicy, Timeouts
-from registry.pull import BlobDigestMismatch, PullCancelled, Puller, SharedDownloads, partial_path
+from registry.pull import BlobDigestMismatch, PullCancelled, Puller, PullResult, SharedDownloads, partial_path
 from registry.push import Pusher
 from registry.rate import RateLimiter, parse_rate
 from tests.fake_http import LoopbackServer, QuietHandler
@@ -774,6 +774,76 @@ def test_a_pull_right_after_a_cancelled_one_does_not_inherit_the_cancel(hostile:
     puller.pull(_name(hostile), lambda e: None, insecure=True)
     assert library.blobs.path(digest).read_bytes() == weights and library.names()
     library.close()
+
+
+def _pull_in_thread(puller: Puller, hostile: HostileRegistry, events: list[dict[str, Any]],
+                    cancel: threading.Event | None = None) -> tuple[threading.Thread, list[Any]]:
+    """The pull runs on a thread; the list gets its PullResult or its exception."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(puller.pull(_name(hostile), events.append, insecure=True, cancel=cancel))
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_for_progress(events: list[dict[str, Any]], digest: Digest, at_least: int) -> None:
+    deadline = time.monotonic() + 15
+    while not any(e.get("digest") == str(digest) and e.get("completed", 0) >= at_least for e in list(events)):
+        assert time.monotonic() < deadline, "the first pull made no progress"
+        time.sleep(0.02)
+
+
+def test_a_blob_another_process_is_downloading_is_waited_for_not_fetched_twice(hostile: HostileRegistry,
+                                                                             tmp_path: Path) -> None:
+    """Two servers (or `berth` beside a server) on one store: the partial file's lock makes the
+    second wait for the first's download (two Library objects here: flock treats their separate
+    opens exactly as it treats two processes)."""
+    weights = os.urandom(3 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.connection_rate = 3 * MiB  # about a second
+    first_library, second_library = Library(tmp_path / "models"), Library(tmp_path / "models")
+    events: list[dict[str, Any]] = []
+    thread, outcome = _pull_in_thread(make_puller(first_library, tmp_path), hostile, events)
+    _wait_for_progress(events, digest, 1)
+    result = make_puller(second_library, tmp_path).pull(_name(hostile), lambda e: None, insecure=True)
+    thread.join(30)
+    assert [type(o) for o in outcome] == [PullResult]
+    assert result.fetched_bytes < 4096  # at most the config blob: the weights came from the first
+    assert second_library.blobs.path(digest).read_bytes() == weights and second_library.names()
+    assert not partial_path(second_library.blobs, digest).exists()
+    first_library.close()
+    second_library.close()
+
+
+def test_a_download_another_process_gave_up_is_resumed_not_restarted(hostile: HostileRegistry,
+                                                                     tmp_path: Path) -> None:
+    weights = os.urandom(4 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.connection_rate = 2 * MiB
+    first_library, second_library = Library(tmp_path / "models"), Library(tmp_path / "models")
+    events: list[dict[str, Any]] = []
+    cancel = threading.Event()
+    first, first_outcome = _pull_in_thread(make_puller(first_library, tmp_path), hostile, events, cancel)
+    _wait_for_progress(events, digest, 2 * MiB)
+    second, second_outcome = _pull_in_thread(make_puller(second_library, tmp_path), hostile, [])
+    time.sleep(0.3)  # the second is waiting on the first's lock
+    cancel.set()
+    first.join(30)
+    assert len(first_outcome) == 1 and isinstance(first_outcome[0], PullCancelled)
+    hostile.behaviour.connection_rate = None
+    second.join(30)
+    assert len(second_outcome) == 1 and isinstance(second_outcome[0], PullResult), second_outcome
+    assert second_library.blobs.path(digest).read_bytes() == weights
+    # It took over from what the first had recorded (2 MiB at least), less at most one 1 MiB chunk.
+    assert second_outcome[0].fetched_bytes <= len(weights) - 2 * MiB + MiB + 4096
+    first_library.close()
+    second_library.close()
 
 
 class _LastStepFetch:
