@@ -163,6 +163,7 @@ class BlobFetch:
         # Chunk checks known in this run and not yet in the catalog (see _record_check).
         self._checksums: dict[int, str] = {}
         self._unsynced = 0
+        self._unlanded = desc.size  # bytes not landed yet (less on a resume: see _prepare)
         self._hashing = -1  # the chunk the hasher waits on: only its writer needs to wake it
         self._streams = 0  # streams running (the ramp adds them)
         # The blob's sha256, fed in order through whole chunks (by the hashing thread only).
@@ -184,12 +185,12 @@ class BlobFetch:
         if fd is None:
             return  # another process's download of it finished while this one waited
         try:
-            plan, recorded = self._prepare(fd)
+            plan, recorded, fresh = self._prepare(fd)
         except BaseException:
             os.close(fd)
             raise
-        checkpointer = threading.Thread(target=self._checkpoint_loop, args=(fd,), daemon=True,
-                                        name=f"pull-sync-{digest.short}")
+        checkpointer = threading.Thread(target=self._checkpoint_loop, args=(fd, plan if fresh else None),
+                                        daemon=True, name=f"pull-sync-{digest.short}")
         checkpointer.start()
         try:
             actual = self._download(fd, plan, recorded)
@@ -287,25 +288,27 @@ class BlobFetch:
                 return fd
             os.close(fd)  # the file waited on was published or discarded meanwhile: look again
 
-    def _prepare(self, fd: int) -> tuple[ChunkPlan, dict[int, str]]:
-        """Resume from recorded state when it still fits the file on disk; else start afresh."""
+    def _prepare(self, fd: int) -> tuple[ChunkPlan, dict[int, str], bool]:
+        """Resume from recorded state when it still fits the file on disk; else start afresh (True:
+        the checkpoint thread records the start, so the first request need not wait for the catalog)."""
         digest, size = self.desc.digest, self.desc.size
-        state = self.journal.load(digest)
-        if state is not None and state.size == size and os.fstat(fd).st_size == size:
+        # A file of another size (a new one is empty) cannot be resumed: the catalog is not read.
+        state = self.journal.load(digest) if os.fstat(fd).st_size == size else None
+        if state is not None and state.size == size:
             plan = ChunkPlan(size, state.chunk_size)
             self._landed = [min(state.chunks[i].completed, self._length(plan, i)) if i in state.chunks else 0
                             for i in range(plan.count)]
             recorded = {i: c.checksum for i, c in state.chunks.items() if c.checksum}
         else:
             plan = ChunkPlan(size, self.chunk_size)
-            self.journal.start(digest, size, plan.chunk_size)
             os.ftruncate(fd, 0)  # nothing of an unrecorded file is trusted
             os.ftruncate(fd, size)
             self._landed = [0] * plan.count
             recorded = {}
         self._durable = list(self._landed)
         self._claimed = [False] * plan.count
-        return plan, recorded
+        self._unlanded = size - sum(self._landed)
+        return plan, recorded, state is None
 
     @staticmethod
     def _length(plan: ChunkPlan, idx: int) -> int:
@@ -318,22 +321,28 @@ class BlobFetch:
 
     # -- durability --------------------------------------------------------------------------------
 
-    def _checkpoint_loop(self, fd: int) -> None:
-        """Make landed bytes durable every CHECKPOINT_BYTES, off the streams' threads."""
-        while True:
-            with self._cond:
-                while self._unsynced < CHECKPOINT_BYTES and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-            try:
-                self._checkpoint(fd)
-            except OSError as exc:  # a full or failing disk: the pull cannot go on
+    def _checkpoint_loop(self, fd: int, fresh: ChunkPlan | None) -> None:
+        """Record a fresh download's start (first, whatever happens: run() joins this thread before
+        it forgets the download), then make landed bytes durable every CHECKPOINT_BYTES, off the
+        streams' threads."""
+        try:
+            if fresh is not None:
+                self.journal.start(self.desc.digest, fresh.size, fresh.chunk_size)
+            while True:
                 with self._cond:
-                    if self._failure is None:
-                        self._failure = BerthError(f"saving the download of {self.desc.digest} failed: {exc}")
-                    self._cond.notify_all()
-                return
+                    # Once the last byte has landed, what is left is synced at once: the disk works
+                    # while the hasher finishes, and the final fsync finds little to do.
+                    while (self._unsynced < CHECKPOINT_BYTES and not (self._unsynced and not self._unlanded)
+                           and not self._stopping):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                self._checkpoint(fd)
+        except Exception as exc:  # noqa: BLE001 - a full or failing disk or catalog: the pull cannot go on
+            with self._cond:
+                if self._failure is None:
+                    self._failure = BerthError(f"saving the download of {self.desc.digest} failed: {exc}")
+                self._cond.notify_all()
 
     def _stop_checkpoints(self, checkpointer: threading.Thread) -> None:
         with self._cond:
@@ -366,6 +375,7 @@ class BlobFetch:
         """Forget a chunk whose bytes on disk no longer match its recorded checksum."""
         with self._checkpoint_lock:
             with self._cond:
+                self._unlanded += self._landed[idx]
                 self._landed[idx] = self._durable[idx] = 0
                 self._claimed[idx] = False
                 self._checksums.pop(idx, None)
@@ -554,7 +564,8 @@ class BlobFetch:
         with self._cond:
             self.fetched += count
             self._unsynced += count
-            if wake or self._unsynced >= CHECKPOINT_BYTES:
+            self._unlanded -= count
+            if wake or self._unsynced >= CHECKPOINT_BYTES or not self._unlanded:
                 self._cond.notify_all()
         for limiter in self.limiters:
             limiter.consume(count, self.cancel.is_set)
@@ -806,14 +817,17 @@ class Puller:
         store = self.library.blobs
         waiting: dict[Digest, tuple[Descriptor, _Shared]] = {}
         try:
-            for desc in blobs:
-                if store.exists(desc.digest):
-                    size = store.size(desc.digest)
-                    emit(progress(f"pulling {desc.digest.short}", desc.digest, size, size))
-                elif desc.digest not in waiting:
+            # The largest starts first: the small ones' set-up would otherwise delay its first byte.
+            for desc in sorted(blobs, key=lambda d: -d.size):
+                if desc.digest not in waiting and not store.exists(desc.digest):
                     waiting[desc.digest] = desc, self.downloads.join(
                         desc.digest, lambda desc=desc: self._fetch_of(repo, desc, limiters), cancel)
+            for desc in blobs:
+                if desc.digest in waiting:
                     emit(progress(f"pulling {desc.digest.short}", desc.digest, desc.size, 0))
+                else:
+                    size = store.size(desc.digest)
+                    emit(progress(f"pulling {desc.digest.short}", desc.digest, size, size))
             return self._follow(waiting, emit, cancel)
         finally:
             for _, shared in waiting.values():
