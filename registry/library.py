@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from registry.blobstore import BlobStore
@@ -186,27 +187,26 @@ class Library:
                     raise InvalidInput(
                         f"blob {desc.digest} is {actual} bytes but the manifest says {desc.size}"
                     )
+            digest = str(manifest.digest)
+            # Statements, not ORM objects: a get per row would flush the rows added before it one
+            # by one (measured 6-9 ms a tag, on the path of every pull and create).
             with self.session() as session:
-                digest = str(manifest.digest)
-                if session.get(ManifestRow, digest) is None:
-                    session.add(ManifestRow(digest=digest, media_type=manifest.media_type, raw=manifest.raw,
-                                            created_at=now))
-                    for desc in manifest.blobs():
-                        if session.get(BlobRow, str(desc.digest)) is None:
-                            session.add(BlobRow(digest=str(desc.digest), size=desc.size, created_at=now))
-                    session.flush()
+                if session.scalar(select(ManifestRow.digest).where(ManifestRow.digest == digest)) is None:
+                    session.execute(insert(ManifestRow), [{"digest": digest, "media_type": manifest.media_type,
+                                                           "raw": manifest.raw, "created_at": now}])
+                    session.execute(sqlite_insert(BlobRow).on_conflict_do_nothing(index_elements=[BlobRow.digest]),
+                                    [{"digest": str(desc.digest), "size": desc.size, "created_at": now}
+                                     for desc in manifest.blobs()])
                     rows = [(CONFIG_POSITION, manifest.config)] + list(enumerate(manifest.layers))
-                    for position, desc in rows:
-                        session.add(LayerRow(manifest_digest=digest, position=position,
-                                             blob_digest=str(desc.digest), media_type=desc.media_type,
-                                             size=desc.size))
-                existing = session.get(TagRow, name.key)
-                if existing is None:
-                    session.add(TagRow(name_key=name.key, host=name.host, namespace=name.namespace,
-                                       model=name.model, tag=name.tag, manifest_digest=digest, modified_at=now))
-                else:
-                    existing.manifest_digest = digest
-                    existing.modified_at = now
+                    session.execute(insert(LayerRow), [
+                        {"manifest_digest": digest, "position": position, "blob_digest": str(desc.digest),
+                         "media_type": desc.media_type, "size": desc.size} for position, desc in rows])
+                # A name already there keeps its stored spelling; only what it points at changes.
+                upsert = sqlite_insert(TagRow).values(
+                    name_key=name.key, host=name.host, namespace=name.namespace, model=name.model, tag=name.tag,
+                    manifest_digest=digest, modified_at=now)
+                session.execute(upsert.on_conflict_do_update(
+                    index_elements=[TagRow.name_key], set_={"manifest_digest": digest, "modified_at": now}))
             return self.collect_garbage()
 
     def copy(self, source: ModelName, destination: ModelName) -> None:

@@ -79,6 +79,17 @@ def test_tag_list_get_and_case_insensitive_lookup(library: Library) -> None:
         library.get("nope")
 
 
+def test_retagging_under_other_case_keeps_the_stored_spelling_and_moves_the_name(library: Library) -> None:
+    first = make_model(library, "Demo:Latest", b"weights-a")
+    second = make_model(library, "demo:latest", b"weights-b")  # the same name, case aside
+    assert [m.name.display for m in library.list()] == ["Demo:Latest"]
+    assert library.get("DEMO:LATEST").manifest.digest == second.digest != first.digest
+    # Tagging a manifest the catalog already has adds no second copy of its rows.
+    library.copy(ModelName.parse("demo:latest"), ModelName.parse("other:1"))
+    assert library.get("other:1").manifest.raw == second.raw
+    assert sorted(library.referenced_blobs()) == sorted({d.digest for d in second.blobs()})
+
+
 def test_copy_shares_blobs_and_delete_collects_only_unused_ones(library: Library) -> None:
     manifest = make_model(library, "a:1", b"shared-weights")
     library.copy(ModelName.parse("a:1"), ModelName.parse("b:1"))
