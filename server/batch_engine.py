@@ -24,8 +24,13 @@ user's decode time instead of N times it.
   on) only evaluates the new suffix, and a request that starts like any sequence held (a system
   prompt many users share) takes that sequence's cells for the common part.
 
+- A request with images first goes through the vision encoder on a thread of its own (a real
+  projector takes seconds on a CPU, which every sequence would otherwise wait out), then joins the
+  line; its text and image embeddings go into its sequence in one go when it reaches a slot.
+
 Threading: `submit` and `cancel` may be called from any thread; `step` / `run_forever` and every
-callback run on the one thread that owns the context (llama.cpp contexts are not thread-safe).
+callback run on the one thread that owns the context (llama.cpp contexts are not thread-safe). The
+encoder thread only runs the projector's `encode` and hands the request back to that thread.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ class _Job:
     images: tuple[bytes, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
+    # Set by the encoder thread: the images through the vision encoder, or why that failed.
+    encoded: Any = None
+    error: Exception | None = None
 
 
 @dataclass
@@ -170,6 +178,18 @@ class BatchEngine:
         self._waiting: deque[_Job] = deque()
         self._cancelled: set[int] = set()
         self._closed = False
+        # Requests with images go through the vision encoder on a thread of its own first (seconds
+        # for a real projector on a CPU, during which every other sequence would wait), then join
+        # `_waiting` from the owner thread. Guarded by _lock too.
+        self._encoder_wake = threading.Condition(self._lock)
+        self._to_encode: deque[_Job] = deque()
+        self._encoded: deque[_Job] = deque()
+        self._encoding: set[int] = set()  # ids of jobs queued for or in the encoder
+        self._cancel_on_arrival: set[int] = set()
+        self._encoder: threading.Thread | None = None
+        if projector is not None:
+            self._encoder = threading.Thread(target=self._encode_loop, daemon=True, name="engine-encoder")
+            self._encoder.start()
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -185,8 +205,13 @@ class BatchEngine:
         job = _Job(job_id, list(prompt_tokens), SamplingOptions.from_options(options), grammar_text,
                    on_piece, on_done, on_error, shift, text, tuple(images), top_logprobs)
         with self._wake:
-            self._waiting.append(job)
-            self._wake.notify()
+            if job.images and self._encoder is not None:
+                self._to_encode.append(job)
+                self._encoding.add(job_id)
+                self._encoder_wake.notify()
+            else:
+                self._waiting.append(job)
+                self._wake.notify()
 
     def cancel(self, job_id: int) -> None:
         """Stop a request, waiting or running; it ends with on_done(done_reason="cancel")."""
@@ -195,17 +220,38 @@ class BatchEngine:
             self._wake.notify()
 
     def stop(self) -> None:
-        """Ask `run_forever` to return after the current step."""
+        """Ask `run_forever` (and the encoder thread) to return after the current step."""
         with self._wake:
             self._closed = True
             self._wake.notify()
+            self._encoder_wake.notify()
+
+    def _encode_loop(self) -> None:
+        """The encoder thread: each image request's images through the vision encoder, in order."""
+        assert self._projector is not None
+        while True:
+            with self._encoder_wake:
+                while not self._to_encode and not self._closed:
+                    self._encoder_wake.wait()
+                if self._closed:
+                    return
+                job = self._to_encode.popleft()
+                cancelled = job.job_id in self._cancel_on_arrival
+            if not cancelled:
+                try:
+                    job.encoded = self._projector.encode(job.text, job.images, self.n_ctx_per_slot)
+                except Exception as exc:  # noqa: BLE001 - reported to the request by the owner thread
+                    job.error = exc
+            with self._wake:
+                self._encoded.append(job)
+                self._wake.notify()
 
     # -- owner thread ---------------------------------------------------------------------------
 
     @property
     def busy(self) -> bool:
         with self._lock:
-            waiting = bool(self._waiting)
+            waiting = bool(self._waiting or self._encoding)
         return waiting or any(slot.job is not None for slot in self._slots)
 
     def active_jobs(self) -> int:
@@ -218,7 +264,7 @@ class BatchEngine:
             with self._wake:
                 if self._closed:
                     return
-                if not self._waiting and not self._cancelled and self.active_jobs() == 0:
+                if not self._waiting and not self._cancelled and not self._encoded and self.active_jobs() == 0:
                     self._wake.wait(idle_wait)
                     continue
             try:
@@ -228,6 +274,7 @@ class BatchEngine:
 
     def step(self) -> bool:
         """Admit, cancel, run one decode for every active sequence, sample. False when idle."""
+        self._take_encoded()
         self._apply_cancels()
         self._admit()
         if not self.batch_invariant:
@@ -264,6 +311,13 @@ class BatchEngine:
 
     def close(self) -> None:
         """Free llama.cpp objects; the engine cannot be used afterwards."""
+        if self._encoder is not None:
+            self.stop()
+            self._encoder.join()  # it may be using the projector, which its owner frees after this
+            with self._lock:
+                for job in (*self._waiting, *self._encoded):
+                    if job.encoded is not None:
+                        job.encoded.close()
         llama_cpp = self._llama
         for slot in self._slots:
             self._free_sampler(slot)
@@ -279,6 +333,26 @@ class BatchEngine:
 
     # -- scheduling -----------------------------------------------------------------------------
 
+    def _take_encoded(self) -> None:
+        """Requests back from the encoder: ready ones go first in line (they have waited longest),
+        failed ones get their error, cancelled ones end."""
+        with self._lock:
+            if not self._encoded:
+                return
+            arrived, self._encoded = list(self._encoded), deque()
+            self._encoding.difference_update(job.job_id for job in arrived)
+            dropped = {job.job_id for job in arrived} & self._cancel_on_arrival
+            self._cancel_on_arrival -= dropped
+            self._waiting.extendleft(reversed([job for job in arrived
+                                               if job.job_id not in dropped and job.error is None]))
+        for job in arrived:
+            if job.job_id in dropped:
+                if job.encoded is not None:
+                    job.encoded.close()
+                _notify(job.on_done, _never_started(job))
+            elif job.error is not None:
+                _notify(job.on_error, job.error)
+
     def _apply_cancels(self) -> None:
         with self._lock:
             if not self._cancelled:
@@ -287,9 +361,12 @@ class BatchEngine:
             still_waiting = deque(job for job in self._waiting if job.job_id not in cancelled)
             dropped = [job for job in self._waiting if job.job_id in cancelled]
             self._waiting = still_waiting
+            # Ended when the encoder hands them back (it skips those it has not started).
+            self._cancel_on_arrival.update(cancelled & self._encoding)
         for job in dropped:
-            _notify(job.on_done, _stats("cancel", job.prompt, prompt_eval_count=0, started=job.submitted_ns,
-                                        first=job.submitted_ns, finished=job.submitted_ns, generated=[]))
+            if job.encoded is not None:
+                job.encoded.close()
+            _notify(job.on_done, _never_started(job))
         for slot in self._slots:
             if slot.job is not None and slot.job.job_id in cancelled:
                 self._finish(slot, "cancel")
@@ -306,6 +383,8 @@ class BatchEngine:
             try:
                 self._start(job, free)
             except Exception as exc:  # noqa: BLE001 - a bad request must not stop the others
+                if job.encoded is not None:  # refused before its images went in
+                    job.encoded.close()
                 _notify(job.on_error, exc)
 
     def _start(self, job: _Job, free: list[_Slot]) -> None:
@@ -329,17 +408,20 @@ class BatchEngine:
         self._assign(slot, job, sampler, cached=job.prompt[:reuse], to_prefill=job.prompt[reuse:])
 
     def _start_with_images(self, job: _Job, slot: _Slot, sampler: Any) -> None:
-        """Text and images go in through the projector, in one go and outside the shared batch
-        (libmtmd decodes them itself); the first token is sampled at once and the sequence then
-        joins the batched decoding like any other."""
+        """Text and image embeddings (encoded already, on the encoder thread) go in through
+        libmtmd, in one go and outside the shared batch; the first token is sampled at once and the
+        sequence then joins the batched decoding like any other."""
+        encoded, job.encoded = job.encoded, None
+        assert encoded is not None, "an image request reaches a slot only through the encoder"
         self._drop_kv(slot)
         try:
-            positions = self._projector.prefill(self._ctx, job.text, job.images, slot.seq_id, self.n_batch,
-                                                self.n_ctx_per_slot)
+            positions = self._projector.evaluate(self._ctx, encoded, slot.seq_id, self.n_batch)
         except BaseException:
             self._llama.llama_sampler_free(sampler)
             self._drop_kv(slot)
             raise
+        finally:
+            encoded.close()
         # Placeholders, one per position: no later prompt's tokens match them, so nothing reuses a
         # prefix that runs into an image.
         self._assign(slot, job, sampler, cached=[-1] * positions, to_prefill=[], evaluated=positions)
@@ -609,6 +691,12 @@ def _notify(callback: Callable[..., None], *values: Any) -> None:
         callback(*values)
     except Exception:  # noqa: BLE001
         log.exception("a batch engine callback failed")
+
+
+def _never_started(job: _Job) -> dict[str, Any]:
+    """The final stats of a request cancelled before it reached a slot."""
+    return _stats("cancel", job.prompt, prompt_eval_count=0, started=job.submitted_ns, first=job.submitted_ns,
+                  finished=job.submitted_ns, generated=[])
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

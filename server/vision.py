@@ -2,15 +2,19 @@
 
 The prompt arrives rendered, with Ollama's `[img-N]` tags where image N goes (server/prompt.py
 puts them there). Each tag becomes libmtmd's media marker; libmtmd decodes the image bytes (PNG,
-JPEG, BMP, GIF...), encodes them with the projector and evaluates text and image embeddings into
-one sequence of the runner's context. Images no tag names go first, in order, as Ollama's
-templates do with `[img-N]` prefixes.
+JPEG, BMP, GIF...), encodes them with the projector (`Projector.encode`, on any thread: the batch
+engine runs it on a thread of its own, so a slow vision encoder holds up no other request) and
+evaluates text and image embeddings into one sequence of the runner's context
+(`Projector.evaluate`, on the context's thread). Images no tag names go first, in order, as
+Ollama's templates do with `[img-N]` prefixes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import re
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from server.runner import InputError
@@ -35,8 +39,29 @@ def with_markers(text: str, count: int, marker: str) -> tuple[str, list[int]]:
     return marker * len(missing) + replaced, missing + order
 
 
+TEXT_CHUNK = 0  # MTMD_INPUT_CHUNK_TYPE_TEXT
+
+
+@dataclass
+class Encoded:
+    """A request's text and images after the vision encoder: libmtmd's chunks, and the embeddings
+    of each image chunk (by chunk index). Owns libmtmd memory: `close` frees it."""
+
+    mtmd: Any
+    chunks: Any
+    positions: int = 0
+    embeddings: dict[int, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.chunks:
+            self.mtmd.mtmd_input_chunks_free(self.chunks)
+            self.chunks = None
+        self.embeddings.clear()
+
+
 class Projector:
-    """A libmtmd context on a loaded text model; used on the thread that owns the llama context."""
+    """A libmtmd context on a loaded text model: `encode` on any thread, `evaluate` on the thread
+    that owns the llama context."""
 
     def __init__(self, path: str, model: Any, use_gpu: bool, n_threads: int) -> None:
         from llama_cpp import mtmd_cpp
@@ -56,51 +81,100 @@ class Projector:
             raise ValueError("the projector layer has no vision encoder, so it cannot read images")
         self._ctx = ctx
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        # The width of an image embedding: what the text model takes as input.
+        import llama_cpp
 
-    def prefill(self, lctx: Any, text: str, images: Sequence[bytes], seq_id: int, n_batch: int, limit: int) -> int:
-        """Evaluate `text` and its images into sequence `seq_id` from position 0, with logits for
-        the last position; returns the positions used. InputError for undecodable images or a
-        prompt that would not fit `limit` positions (checked before anything is evaluated)."""
+        self._n_embd = int(llama_cpp.llama_model_n_embd_inp(model))
+        self._no_callback = mtmd_cpp.mtmd_helper_post_decode_callback()  # NULL: no post-decode hook
+        self._lock = threading.Lock()
+
+    def encode(self, text: str, images: Sequence[bytes], limit: int) -> "Encoded":
+        """Decode the images, tokenize `text` around them and run the vision encoder on each, on
+        any thread (one at a time: a libmtmd context is not re-entrant). The encoder is the slow
+        part of an image request (seconds for a real projector on a CPU), so the batch engine runs
+        it off its own thread; `evaluate` then puts the result into a sequence. InputError for
+        undecodable images or a prompt that would not fit `limit` positions."""
         mtmd = self._mtmd
         prompt, order = with_markers(text, len(images), self.marker)
-        bitmaps: list[Any] = []
-        chunks = mtmd.mtmd_input_chunks_init()
-        if not chunks:
-            raise MemoryError("libmtmd could not allocate input chunks")
-        try:
-            for index in order:
-                data = images[index]
-                buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-                bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._ctx, buffer, len(data), False)
-                if not bitmap:
-                    raise InputError(f"image {index} could not be decoded; send PNG, JPEG, BMP or GIF data "
-                                     "as base64")
-                bitmaps.append(bitmap)
-            encoded = prompt.encode()
-            request = mtmd.mtmd_input_text()
-            request.text = encoded
-            request.text_len = len(encoded)
-            request.add_special = True
-            request.parse_special = True
-            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            status = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(request), array, len(bitmaps))
-            if status != 0:
-                raise InputError(f"the prompt and its {len(bitmaps)} image(s) could not be tokenized together "
-                                 f"(libmtmd status {status})")
-            positions = int(mtmd.mtmd_helper_get_n_pos(chunks))
-            if positions >= limit:
-                raise InputError(f"the prompt with its images is {positions} positions, which does not fit the "
-                                 f"context of {limit}; raise num_ctx or send fewer or smaller images")
-            reached = ctypes.c_int32(0)
-            status = mtmd.mtmd_helper_eval_chunks(self._ctx, lctx, chunks, 0, seq_id, n_batch, True,
-                                                  ctypes.byref(reached))
+        with self._lock:
+            bitmaps: list[Any] = []
+            chunks = mtmd.mtmd_input_chunks_init()
+            if not chunks:
+                raise MemoryError("libmtmd could not allocate input chunks")
+            encoded = Encoded(mtmd, chunks)
+            try:
+                for index in order:
+                    data = images[index]
+                    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+                    bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._ctx, buffer, len(data), False)
+                    if not bitmap:
+                        raise InputError(f"image {index} could not be decoded; send PNG, JPEG, BMP or GIF data "
+                                         "as base64")
+                    bitmaps.append(bitmap)
+                raw = prompt.encode()
+                request = mtmd.mtmd_input_text()
+                request.text = raw
+                request.text_len = len(raw)
+                request.add_special = True
+                request.parse_special = True
+                array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+                status = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(request), array, len(bitmaps))
+                if status != 0:
+                    raise InputError(f"the prompt and its {len(bitmaps)} image(s) could not be tokenized "
+                                     f"together (libmtmd status {status})")
+                encoded.positions = int(mtmd.mtmd_helper_get_n_pos(chunks))
+                if encoded.positions >= limit:
+                    raise InputError(f"the prompt with its images is {encoded.positions} positions, which does "
+                                     f"not fit the context of {limit}; raise num_ctx or send fewer or smaller "
+                                     "images")
+                for index in range(int(mtmd.mtmd_input_chunks_size(chunks))):
+                    chunk = mtmd.mtmd_input_chunks_get(chunks, index)
+                    if mtmd.mtmd_input_chunk_get_type(chunk) == TEXT_CHUNK:
+                        continue
+                    if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                        raise RuntimeError("the vision encoder failed on an image of this request")
+                    # The output buffer is the context's, overwritten by the next encode: copied.
+                    count = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)) * self._n_embd
+                    embeddings = (ctypes.c_float * count)()
+                    ctypes.memmove(embeddings, mtmd.mtmd_get_output_embd(self._ctx),
+                                   count * ctypes.sizeof(ctypes.c_float))
+                    encoded.embeddings[index] = embeddings
+            except BaseException:
+                encoded.close()
+                raise
+            finally:
+                for bitmap in bitmaps:
+                    mtmd.mtmd_bitmap_free(bitmap)
+            return encoded
+
+    def evaluate(self, lctx: Any, encoded: "Encoded", seq_id: int, n_batch: int) -> int:
+        """Evaluate encoded text and images into sequence `seq_id` from position 0, with logits for
+        the last position, on the thread that owns `lctx`; returns the positions used."""
+        mtmd = self._mtmd
+        count = int(mtmd.mtmd_input_chunks_size(encoded.chunks))
+        reached = 0
+        for index in range(count):
+            chunk = mtmd.mtmd_input_chunks_get(encoded.chunks, index)
+            after = ctypes.c_int32(reached)  # the text helper adds to it, the image one sets it
+            if index in encoded.embeddings:
+                status = mtmd.mtmd_helper_decode_image_chunk(self._ctx, lctx, chunk, encoded.embeddings[index],
+                                                             reached, seq_id, n_batch, ctypes.byref(after),
+                                                             self._no_callback, None)
+            else:
+                status = mtmd.mtmd_helper_eval_chunk_single(self._ctx, lctx, chunk, reached, seq_id, n_batch,
+                                                            index == count - 1, ctypes.byref(after))
             if status != 0:
                 raise RuntimeError(f"evaluating the prompt and its images failed (libmtmd status {status})")
-            return int(reached.value)
+            reached = int(after.value)
+        return reached
+
+    def prefill(self, lctx: Any, text: str, images: Sequence[bytes], seq_id: int, n_batch: int, limit: int) -> int:
+        """`encode` then `evaluate`, on the thread that owns `lctx`."""
+        encoded = self.encode(text, images, limit)
+        try:
+            return self.evaluate(lctx, encoded, seq_id, n_batch)
         finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
+            encoded.close()
 
     def close(self) -> None:
         if self._ctx:

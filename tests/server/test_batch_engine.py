@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -446,3 +447,137 @@ def test_logprobs_in_a_batch_come_from_their_own_sequence(engine: BatchEngine, l
         # Among other sequences the numbers round differently (see the module docstring), by far
         # less than a wrong row would move them.
         assert abs(entry["logprob"] - expected["logprob"]) < 0.5
+
+
+# -- images: the vision encoder runs on a thread of its own ------------------------------------------
+
+class HeldProjector:
+    """The real (FAKE-weights, tests/vision_fixture.py) projector, whose `encode` first waits for
+    `release`: a stand-in for a real vision encoder's seconds on a CPU, which the fake's few
+    hundred KB of weights cannot take. It records the thread each encode ran on."""
+
+    def __init__(self, projector: Any) -> None:
+        self.projector = projector
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.threads: list[str] = []
+
+    def encode(self, text: str, images: Any, limit: int) -> Any:
+        self.threads.append(threading.current_thread().name)
+        self.started.set()
+        assert self.release.wait(60), "the test never released the encoder"
+        return self.projector.encode(text, images, limit)
+
+    def evaluate(self, *args: Any) -> int:
+        return self.projector.evaluate(*args)
+
+
+@pytest.fixture
+def vision_engine(gguf_path: Path, tmp_path: Path) -> Iterator[tuple[BatchEngine, HeldProjector]]:
+    from server.vision import Projector
+    from tests.vision_fixture import write_fake_projector
+
+    params = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), params)
+    projector = Projector(str(write_fake_projector(tmp_path / "mmproj.gguf", text_width=640)), model,
+                          use_gpu=False, n_threads=2)
+    held = HeldProjector(projector)
+    engine = BatchEngine(str(gguf_path), n_ctx_per_slot=SLOT_CTX, slots=2, n_batch=512, model=model,
+                         projector=held)
+    owner = threading.Thread(target=engine.run_forever, kwargs={"idle_wait": 0.05}, name="engine-owner")
+    owner.start()
+    try:
+        yield engine, held
+    finally:
+        held.release.set()
+        engine.stop()
+        owner.join(30)
+        engine.close()
+        projector.close()
+        llama_cpp.llama_model_free(model)
+
+
+@dataclass
+class Watched:
+    """A request's outcome, and the threads its callbacks ran on."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    stats: dict[str, Any] | None = None
+    error: Exception | None = None
+    threads: set[str] = field(default_factory=set)
+
+    def submit(self, engine: BatchEngine, job_id: int, tokens: list[int], **extra: Any) -> None:
+        def piece(_text: str, _logprobs: Any) -> None:
+            self.threads.add(threading.current_thread().name)
+
+        def finished(stats: dict[str, Any]) -> None:
+            self.threads.add(threading.current_thread().name)
+            self.stats = stats
+            self.done.set()
+
+        def failed(exc: Exception) -> None:
+            self.threads.add(threading.current_thread().name)
+            self.error = exc
+            self.done.set()
+
+        engine.submit(job_id, tokens, {"temperature": 0, "num_predict": 8}, None, piece, finished, failed, **extra)
+
+
+def _image_request(llm: Any, image: bytes) -> tuple[list[int], dict[str, Any]]:
+    text = "[img-0] What is in this picture?"
+    return tokens_of(llm, text), {"text": text, "images": [image]}
+
+
+def test_an_image_being_encoded_does_not_hold_up_other_requests(vision_engine: tuple[BatchEngine, HeldProjector],
+                                                               llm: Any) -> None:
+    from tests.vision_fixture import TOKENS_PER_IMAGE, png
+
+    engine, held = vision_engine
+    tokens, extra = _image_request(llm, png(32, 32))
+    image, text = Watched(), Watched()
+    image.submit(engine, 1, tokens, **extra)
+    assert held.started.wait(30)
+    text.submit(engine, 2, tokens_of(llm, PROMPTS[0]))
+    assert text.done.wait(60) and text.error is None and text.stats is not None
+    assert text.stats["eval_count"] == 8
+    assert not image.done.is_set()  # still in the encoder: the text request did not wait for it
+    held.release.set()
+    assert image.done.wait(60) and image.error is None and image.stats is not None
+    assert image.stats["eval_count"] > 0
+    assert image.stats["prompt_eval_count"] > TOKENS_PER_IMAGE  # the image's positions went in
+    assert held.threads == ["engine-encoder"]
+    assert image.threads == text.threads == {"engine-owner"}  # callbacks stay on the owner thread
+
+
+def test_an_image_request_cancelled_in_the_encoder_ends_and_frees_nothing_of_the_others(
+        vision_engine: tuple[BatchEngine, HeldProjector], llm: Any) -> None:
+    from tests.vision_fixture import png
+
+    engine, held = vision_engine
+    tokens, extra = _image_request(llm, png(32, 32))
+    image = Watched()
+    image.submit(engine, 1, tokens, **extra)
+    assert held.started.wait(30)
+    engine.cancel(1)
+    time.sleep(0.2)  # the cancel is seen while the encode is still held
+    held.release.set()
+    assert image.done.wait(60) and image.error is None and image.stats is not None
+    assert image.stats["done_reason"] == "cancel" and image.stats["eval_count"] == 0
+    after = Watched()  # both slots are still free for others
+    after.submit(engine, 2, tokens, **extra)
+    assert after.done.wait(60) and after.error is None and after.stats is not None
+    assert after.stats["eval_count"] > 0 and not engine.busy
+
+
+def test_an_image_the_encoder_cannot_read_is_an_input_error_on_the_owner_thread(
+        vision_engine: tuple[BatchEngine, HeldProjector], llm: Any) -> None:
+    engine, held = vision_engine
+    held.release.set()
+    tokens, extra = _image_request(llm, b"not an image at all")
+    bad, good = Watched(), Watched()
+    bad.submit(engine, 1, tokens, **extra)
+    good.submit(engine, 2, tokens_of(llm, PROMPTS[1]))
+    assert bad.done.wait(60) and good.done.wait(60)
+    assert isinstance(bad.error, InputError) and "could not be decoded" in str(bad.error)
+    assert bad.threads == {"engine-owner"}
+    assert good.error is None and good.stats is not None and good.stats["eval_count"] == 8
