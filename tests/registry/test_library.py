@@ -90,6 +90,41 @@ def test_retagging_under_other_case_keeps_the_stored_spelling_and_moves_the_name
     assert sorted(library.referenced_blobs()) == sorted({d.digest for d in second.blobs()})
 
 
+def test_two_processes_tagging_the_same_new_manifest_at_once_both_succeed(tmp_path: Path) -> None:
+    """Two servers (or a server and `berth`) on one store pull the same model: both tag it. Two
+    Library objects stand for the two processes (each has its own SQLite connections)."""
+    import threading
+
+    first, second = Library(tmp_path), Library(tmp_path)
+    config = first.blobs.write_bytes(ModelConfig(model_family="test", model_type="1K").to_bytes())
+    manifests = []
+    for i in range(15):
+        weights = first.blobs.write_bytes(f"weights {i}".encode())
+        manifests.append(Manifest.build(Descriptor(DOCKER_CONFIG, config.digest, config.size),
+                                        [Descriptor(MODEL_LAYER, weights.digest, weights.size)]))
+    errors: list[BaseException] = []
+
+    def tag_all(library: Library, barrier: threading.Barrier) -> None:
+        for i, manifest in enumerate(manifests):
+            barrier.wait()
+            try:
+                library.tag(ModelName.parse(f"m{i}:latest"), manifest)
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=tag_all, args=(lib, barrier)) for lib in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(m.name.display for m in second.list()) == sorted(f"m{i}:latest" for i in range(15))
+    assert all(second.get(f"m{i}:latest").manifest.digest == manifests[i].digest for i in range(15))
+    first.close()
+    second.close()
+
+
 def test_copy_shares_blobs_and_delete_collects_only_unused_ones(library: Library) -> None:
     manifest = make_model(library, "a:1", b"shared-weights")
     library.copy(ModelName.parse("a:1"), ModelName.parse("b:1"))
