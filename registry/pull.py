@@ -10,15 +10,15 @@ Sequence and progress statuses follow Ollama (spec/ollama-registry.md §4): `pul
   name, so nothing can mistake it for a finished blob). It is cut into fixed-size chunks, the unit
   of resume: a stream claims a run of consecutive chunks and fetches it with one request, moved
   from the connection into the file with as few copies as it allows (registry/body.py). One
-  stream starts; more are added, one at a time, while each raises the throughput (a far or per-connection-throttled registry gets up
-  to `parallel`; a fast local one keeps one, which costs least CPU). One thread hashes the whole
-  blob in order, following the bytes as they land, so the digest is known when the last byte lands
-  (no second pass), and at each chunk's end the running digest is that chunk's check. Another
-  makes the landed bytes durable (fdatasync) every few MiB and only then records them in the
-  catalog (registry/catalog/downloads.py), so the catalog never claims a byte a crash could lose,
-  and no stream waits on the disk. A killed pull resumes: the durable chunks are re-read once
-  (rebuilding the sha256 and comparing each recorded check, a damaged chunk fetched again) and only
-  the rest is fetched.
+  stream starts; more are added, one at a time, while each raises the throughput (a far or
+  per-connection-throttled registry gets up to `parallel`; a fast local one keeps one, which costs
+  least CPU). One thread hashes the whole blob in order, following the bytes as they land, so the
+  digest is known when the last byte lands (no second pass), and at each chunk's end the running
+  digest is that chunk's check. Another makes the landed bytes durable (fdatasync) every few MiB
+  and only then records them in the catalog (registry/catalog/downloads.py), so the catalog never
+  claims a byte a crash could lose, and no stream waits on the disk. A killed pull resumes: the
+  durable chunks are re-read once (rebuilding the sha256 and comparing each recorded check, a
+  damaged chunk fetched again) and only the rest is fetched.
 * A blob of at most 1 MiB (config, template, license, parameters) is fetched whole in one GET
   through the store's writer (`WholeBlobFetch`): no partial file or journal, so a pull's fixed cost
   is mostly the manifest and the tag.
@@ -612,15 +612,15 @@ class WholeBlobFetch:
         self.completed = 0  # bytes of the current attempt (the progress figure)
 
     def run(self) -> None:
-        failures, last_error = 0, ""
-        while failures < self.client.retry.attempts:
+        attempts, last_error = self.client.retry.attempts, ""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.client.retry.backoff(attempt - 1))
             try:
                 return self._fetch()
             except (httpx.TransportError, _EndedEarly) as exc:
                 last_error = describe(exc) if isinstance(exc, httpx.TransportError) else str(exc)
-            failures += 1
-            time.sleep(self.client.retry.backoff(failures - 1))
-        raise RegistryError(f"downloading {self.desc.digest} from {self.repo.host} failed {failures} times "
+        raise RegistryError(f"downloading {self.desc.digest} from {self.repo.host} failed {attempts} times "
                             f"({last_error}); run the pull again")
 
     def _fetch(self) -> None:
