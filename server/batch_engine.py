@@ -83,6 +83,12 @@ class _Job:
     encoded: Any = None
     error: Exception | None = None
 
+    def release_images(self) -> None:
+        """Free what the encoder made for this request, if anything (libmtmd memory)."""
+        if self.encoded is not None:
+            self.encoded.close()
+            self.encoded = None
+
 
 @dataclass
 class _Slot:
@@ -316,8 +322,7 @@ class BatchEngine:
             self._encoder.join()  # it may be using the projector, which its owner frees after this
             with self._lock:
                 for job in (*self._waiting, *self._encoded):
-                    if job.encoded is not None:
-                        job.encoded.close()
+                    job.release_images()
         llama_cpp = self._llama
         for slot in self._slots:
             self._free_sampler(slot)
@@ -347,8 +352,7 @@ class BatchEngine:
                                                if job.job_id not in dropped and job.error is None]))
         for job in arrived:
             if job.job_id in dropped:
-                if job.encoded is not None:
-                    job.encoded.close()
+                job.release_images()
                 _notify(job.on_done, _never_started(job))
             elif job.error is not None:
                 _notify(job.on_error, job.error)
@@ -364,8 +368,7 @@ class BatchEngine:
             # Ended when the encoder hands them back (it skips those it has not started).
             self._cancel_on_arrival.update(cancelled & self._encoding)
         for job in dropped:
-            if job.encoded is not None:
-                job.encoded.close()
+            job.release_images()
             _notify(job.on_done, _never_started(job))
         for slot in self._slots:
             if slot.job is not None and slot.job.job_id in cancelled:
@@ -383,8 +386,7 @@ class BatchEngine:
             try:
                 self._start(job, free)
             except Exception as exc:  # noqa: BLE001 - a bad request must not stop the others
-                if job.encoded is not None:  # refused before its images went in
-                    job.encoded.close()
+                job.release_images()  # refused before its images went in
                 _notify(job.on_error, exc)
 
     def _start(self, job: _Job, free: list[_Slot]) -> None:
@@ -411,17 +413,16 @@ class BatchEngine:
         """Text and image embeddings (encoded already, on the encoder thread) go in through
         libmtmd, in one go and outside the shared batch; the first token is sampled at once and the
         sequence then joins the batched decoding like any other."""
-        encoded, job.encoded = job.encoded, None
-        assert encoded is not None, "an image request reaches a slot only through the encoder"
+        assert job.encoded is not None, "an image request reaches a slot only through the encoder"
         self._drop_kv(slot)
         try:
-            positions = self._projector.evaluate(self._ctx, encoded, slot.seq_id, self.n_batch)
+            positions = self._projector.evaluate(self._ctx, job.encoded, slot.seq_id, self.n_batch)
         except BaseException:
             self._llama.llama_sampler_free(sampler)
             self._drop_kv(slot)
             raise
         finally:
-            encoded.close()
+            job.release_images()
         # Placeholders, one per position: no later prompt's tokens match them, so nothing reuses a
         # prefix that runs into an image.
         self._assign(slot, job, sampler, cached=[-1] * positions, to_prefill=[], evaluated=positions)
@@ -448,11 +449,12 @@ class BatchEngine:
 
     def _reusable_prefix(self, slot: _Slot, prompt: list[int], held: Mapping[int, int]) -> int:
         """How many leading prompt tokens `slot`'s sequence holds for `prompt` (the rest of its KV
-        is dropped); `held`: each sequence's common prefix with `prompt`, by seq_id. Its own cached tokens, unless another sequence holds a longer prefix (a system
-        prompt or chat template many users share): then that one's cells join `slot`'s sequence,
-        shared without copying in the unified buffer; a shared cell is freed when no sequence holds
-        it (a context shift drops and re-evaluates a sequence's cells, never moves them). None in
-        the batch-invariant configuration, which evaluates every prompt from its start."""
+        is dropped); `held`: each sequence's common prefix with `prompt`, by seq_id. Its own cached
+        tokens, unless another sequence holds a longer prefix (a system prompt or chat template many
+        users share): then that one's cells join `slot`'s sequence, shared without copying in the
+        unified buffer; a shared cell is freed when no sequence holds it (a context shift drops and
+        re-evaluates a sequence's cells, never moves them). None in the batch-invariant
+        configuration, which evaluates every prompt from its start."""
         llama_cpp = self._llama
         # At least the last prompt token is always evaluated: its logits give the first token.
         limit = 0 if self.batch_invariant else len(prompt) - 1

@@ -168,14 +168,6 @@ class Projector:
             reached = int(after.value)
         return reached
 
-    def prefill(self, lctx: Any, text: str, images: Sequence[bytes], seq_id: int, n_batch: int, limit: int) -> int:
-        """`encode` then `evaluate`, on the thread that owns `lctx`."""
-        encoded = self.encode(text, images, limit)
-        try:
-            return self.evaluate(lctx, encoded, seq_id, n_batch)
-        finally:
-            encoded.close()
-
     def close(self) -> None:
         if self._ctx:
             self._mtmd.mtmd_free(self._ctx)
