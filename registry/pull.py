@@ -67,8 +67,10 @@ Emit = Callable[[Event], None]
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # the unit of resume and of the per-chunk checksum
 DEFAULT_PARALLEL = 4  # the most streams one blob gets (see _ramp)
-# A stream asks for up to this many consecutive chunks in one request: fewer requests (and TLS
-# handshakes, since a directly read connection is not reused) without losing resume precision.
+# A stream asks for this many consecutive chunks in one request until the throughput is known,
+# then for as many as it moves in a RAMP_INTERVAL if that is more (see _run_chunks): fewer
+# requests (and TLS handshakes, since a directly read connection is not reused) without losing
+# resume precision.
 RUN_CHUNKS = 8
 # Streams are added one at a time, RAMP_INTERVAL apart, while each raises the throughput this much.
 RAMP_INTERVAL = 0.5
@@ -167,6 +169,7 @@ class BlobFetch:
         self._unlanded = desc.size  # bytes not landed yet (less on a resume: see _prepare)
         self._hashing = -1  # the chunk the hasher waits on: only its writer needs to wake it
         self._streams = 0  # streams running (the ramp adds them)
+        self._first_byte: float | None = None  # when the first byte of this run landed (monotonic)
         # The blob's sha256, fed in order through whole chunks (by the hashing thread only).
         self._whole = hashlib.sha256()
         self._failure: BaseException | None = None
@@ -500,12 +503,26 @@ class BlobFetch:
             pending = [i for i in range(plan.count) if self._unclaimed(plan, i)]
             if not pending:
                 return None
-            share = max(1, min(RUN_CHUNKS, -(-len(pending) // max(1, self._streams))))
+            share = max(1, min(self._run_chunks(plan), -(-len(pending) // max(1, self._streams))))
             first = stop = pending[0]
             while stop < plan.count and stop - first < share and self._unclaimed(plan, stop):
                 self._claimed[stop] = True
                 stop += 1
             return first, stop
+
+    def _run_chunks(self, plan: ChunkPlan) -> int:
+        """Under _cond: the most chunks one request asks for. Each request waits for the registry's
+        first byte (3-4 ms from a local docker-registry, more from afar), which a fast link feels:
+        once the throughput is known, a stream asks for what it moves in a RAMP_INTERVAL (the rest
+        of a blob, at loopback speed). A run still ends within a ramp step or so, leaving chunks
+        for the streams the ramp adds on a slower link."""
+        if self._first_byte is None:
+            return RUN_CHUNKS
+        elapsed = time.monotonic() - self._first_byte
+        if elapsed <= 0.0:
+            return RUN_CHUNKS
+        per_stream = self.fetched / elapsed / max(1, self._streams)
+        return max(RUN_CHUNKS, int(per_stream * RAMP_INTERVAL) // plan.chunk_size)
 
     def _unclaimed(self, plan: ChunkPlan, idx: int) -> bool:
         """Under _cond: chunk `idx` still has bytes to fetch and no stream has claimed it."""
@@ -583,6 +600,8 @@ class BlobFetch:
                 wake = wake or self._hashing == idx
             position = upto
         with self._cond:
+            if self._first_byte is None:
+                self._first_byte = time.monotonic()
             self.fetched += count
             self._unsynced += count
             self._unlanded -= count

@@ -425,6 +425,22 @@ def test_a_small_blob_longer_than_its_manifest_says_is_refused(hostile: HostileR
     assert library.names() == []
 
 
+def test_a_lone_stream_asks_for_the_rest_once_its_throughput_is_known(
+        hostile: HostileRegistry, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first request asks for RUN_CHUNKS chunks; once the rate is known (here far more than the
+    rest moves in a ramp step), the second asks for everything left: two requests, not three."""
+    import registry.pull
+
+    monkeypatch.setattr(registry.pull, "RAMP_INTERVAL", 5.0)  # no second stream; any rate > 0.4 MiB/s
+    weights = os.urandom(3 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    _pull(make_puller(library, tmp_path, chunk=128 * 1024), _name(hostile))
+    assert library.blobs.path(digest).read_bytes() == weights
+    first = registry.pull.RUN_CHUNKS * 128 * 1024
+    assert [g.get("Range") for g in _blob_gets(hostile, digest)] == [
+        f"bytes=0-{first - 1}", f"bytes={first}-{3 * MiB - 1}"]
+
+
 # Chunks at page boundaries are hashed through a mapping; others (1_000_003) are read into a buffer.
 @pytest.mark.parametrize("chunk", [MiB, 1_000_003])
 def test_truncated_blob_fails_then_resumes(hostile: HostileRegistry, library: Library, tmp_path: Path,
