@@ -3,7 +3,8 @@
 Why not the `oras` package (spec/libs.md part 1): it has no timeouts, one bearer token per client
 (scope-strict registries fail a push), retries only on 500 and ignores `Retry-After`, cannot send
 `Range`, returns parsed manifests instead of their bytes, reads whole blobs into memory on upload and
-does not resume. Overriding all of that leaves nothing of it, so this module sits directly on httpx.
+does not resume. Overriding all of that leaves nothing of it, so this module sits directly on httpx;
+oras is kept as a second, independent client in the tests (tests/registry/test_oras.py).
 
 Why synchronous: pull and push run on worker threads. A blob is fetched as several ranged
 streams at once, and each thread spends its time in `recv`, `pwrite` and sha256, all of which
