@@ -601,8 +601,10 @@ def take_logprobs(logprobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _shifted(window: list[int], num_keep: int, bos: bool) -> list[int]:
     """The context after a shift, as llama.cpp's runners do it: keep BOS and the first `num_keep`
-    tokens, drop the older half of the rest."""
-    keep = min(len(window) - 1, max(0, num_keep) + int(bos))
+    tokens, drop the older half of the rest. At most half the window is kept, whatever `num_keep`
+    says: a `num_keep` near or past the context would otherwise leave nothing (or next to nothing)
+    to drop, and the window would be evaluated again on every token, growing past its slot."""
+    keep = min(len(window) // 2, max(0, num_keep) + int(bos))
     discard = (len(window) - keep) // 2
     return window[:keep] + window[keep + discard:]
 

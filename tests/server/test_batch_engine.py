@@ -22,7 +22,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from server.batch_engine import BatchEngine  # noqa: E402
-from server.runner import InputError, logprob_entry  # noqa: E402
+from server.runner import InputError, _shifted, logprob_entry  # noqa: E402
 
 SLOT_CTX = 512
 PROMPTS = [
@@ -384,6 +384,27 @@ def test_a_full_slot_shifts_its_context_and_goes_on_unless_told_not_to(engine: B
     assert short["done_reason"] == "length" and len(tokens) + short["eval_count"] == engine.n_ctx_per_slot
     assert long["done_reason"] == "length" and long["eval_count"] == SLOT_CTX + 100
     assert_kv_matches_slots(engine)  # the shifted sequence's cache holds just its shorter window
+
+
+def test_a_num_keep_past_the_context_still_shifts_within_the_slot(engine: BatchEngine, llm: Any) -> None:
+    """num_keep larger than the slot would keep the whole window: nothing dropped, the window
+    evaluated again on every token and growing past the slot into the others' cache."""
+    tokens = tokens_of(llm, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,")
+    driver = Driver(engine)
+    job = driver.submit(tokens, {"temperature": 0, "num_predict": SLOT_CTX + 20, "num_keep": 100_000})
+    driver.run()
+    stats = driver.outcomes[job].stats
+    assert stats is not None and stats["done_reason"] == "length" and stats["eval_count"] == SLOT_CTX + 20
+    assert all(len(slot.cached) < engine.n_ctx_per_slot for slot in engine._slots)  # noqa: SLF001
+    assert_kv_matches_slots(engine)
+
+
+def test_a_shift_keeps_at_most_half_the_window() -> None:
+    window = list(range(100))
+    assert _shifted(window, 4, bos=True) == window[:5] + window[5 + 47:]  # BOS + num_keep, half the rest
+    for num_keep in (49, 98, 99, 100_000):
+        shifted = _shifted(window, num_keep, bos=True)
+        assert shifted == window[:50] + window[75:]  # half kept, half of the other half dropped
 
 
 def test_a_grammar_that_cannot_be_satisfied_ends_only_its_own_sequence(engine: BatchEngine, llm: Any) -> None:
