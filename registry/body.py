@@ -173,11 +173,14 @@ def _ended_early(response: httpx.Response, left: int) -> httpx.RemoteProtocolErr
 
 def _direct_socket(stream: Any) -> socket.socket | None:
     """The socket the body can be read from straight into a buffer: a plain or TLS socket whose
-    bytes are the body; not the outer socket of TLS tunnelled in TLS (whose bytes are still sealed)."""
+    bytes are the body; not the outer socket of TLS tunnelled in TLS (an https:// proxy's socket,
+    whose bytes are the registry's TLS records, still sealed: the tunnelled session is an
+    ssl.SSLObject of its own, over memory buffers)."""
     sock = stream.get_extra_info("socket")
+    sealed = stream.get_extra_info("ssl_object")
     if isinstance(sock, ssl.SSLSocket):
-        return sock
-    if isinstance(sock, socket.socket) and stream.get_extra_info("ssl_object") is None:
+        return None if isinstance(sealed, ssl.SSLObject) else sock
+    if isinstance(sock, socket.socket) and sealed is None:
         return sock
     return None
 

@@ -97,7 +97,11 @@ class NetworkSettings:
         mounts: dict[str, httpx.BaseTransport | None] = {}
         for scheme, proxy in (("http", self.http_proxy), ("https", self.https_proxy)):
             if proxy is not None:
-                mounts[f"{scheme}://"] = httpx.HTTPTransport(proxy=proxy, verify=verify, limits=limits)
+                # The bundle vouches for an https:// proxy's own certificate too (a corporate proxy's
+                # private CA), not only for the registries behind it.
+                tls_to_proxy = verify if proxy.startswith("https://") else None
+                mounts[f"{scheme}://"] = httpx.HTTPTransport(proxy=httpx.Proxy(proxy, ssl_context=tls_to_proxy),
+                                                             verify=verify, limits=limits)
         if mounts:
             for host in (*LOOPBACK_HOSTS, *self.no_proxy):
                 mounts[_bypass_pattern(host)] = None

@@ -6,6 +6,7 @@ from Python's `bcrypt` if installed, else `htpasswd` from apache2-utils). Nothin
 
 from __future__ import annotations
 
+import os
 import shutil
 import ssl
 import subprocess
@@ -60,8 +61,14 @@ class LocalRegistry:
                 self.process.wait(timeout=5)
 
 
+# A name that resolves nowhere, in every test certificate: a client that reaches a server by this
+# name can only have gone through a proxy (which sends it to 127.0.0.1).
+PROXIED_HOST = "registry.test"
+
+
 def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A self-signed certificate for `host` (an IP SAN) and its key, as PEM files: (cert, key)."""
+    """A self-signed certificate for `host` (an IP SAN) and PROXIED_HOST, and its key, as PEM
+    files: (cert, key)."""
     import datetime
     import ipaddress
 
@@ -71,12 +78,16 @@ def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[P
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "berth test registry")])
+    # A subject of its own: OpenSSL finds a certificate's issuer in the trust store by subject name,
+    # so two test certificates in one bundle (a registry's and a proxy's) must not share one.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"berth test {directory.name}"),
+                      x509.NameAttribute(NameOID.SERIAL_NUMBER, os.urandom(8).hex())])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)),
+                                                        x509.DNSName(PROXIED_HOST)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     directory.mkdir(parents=True, exist_ok=True)

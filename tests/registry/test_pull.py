@@ -12,6 +12,9 @@ import hashlib
 import http.client
 import json
 import os
+import select
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from registry.pull import BlobDigestMismatch, PullCancelled, Puller, PullResult,
 from registry.push import Pusher
 from registry.rate import RateLimiter, parse_rate
 from tests.fake_http import LoopbackServer, QuietHandler
-from tests.registry_fixture import LocalRegistry, make_model
+from tests.registry_fixture import PROXIED_HOST, LocalRegistry, make_model, self_signed_certificate
 
 MiB = 1024 * 1024
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
@@ -682,6 +685,90 @@ def test_private_ca_bundle_verifies_a_tls_registry(tls_registry: LocalRegistry, 
         assert other.blobs.path(Digest.of_bytes(weights)).read_bytes() == weights
     finally:
         other.close()
+
+
+class TlsConnectProxy:
+    """An https:// forward proxy: TLS to the proxy itself (a self-signed certificate of its own),
+    then CONNECT tunnels to 127.0.0.1 on the requested port, whatever the host name. The client's
+    TLS to the registry then runs inside the proxy's TLS. Remembers the CONNECT targets."""
+
+    def __init__(self, directory: Path) -> None:
+        self.certificate, key = self_signed_certificate(directory)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.certificate, key)
+        self.targets: list[str] = []
+        self._listener = context.wrap_socket(socket.create_server(("127.0.0.1", 0)), server_side=True)
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()  # the TLS handshake happens here
+            except ssl.SSLError:
+                continue
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: ssl.SSLSocket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                piece = client.recv(4096)
+                if not piece:
+                    return
+                head += piece
+            target = head.split(b" ")[1].decode()
+            self.targets.append(target)
+            with socket.create_connection(("127.0.0.1", int(target.rsplit(":", 1)[1]))) as upstream:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                self._relay(client, upstream)
+
+    @staticmethod
+    def _relay(client: ssl.SSLSocket, upstream: socket.socket) -> None:
+        """Both directions on one thread (an SSL socket must not be read and written at once from
+        two): bytes buffered inside the TLS layer count as readable too."""
+        while True:
+            ready = [client] if client.pending() else select.select([client, upstream], [], [], 30)[0]
+            if not ready:
+                return
+            for source in ready:
+                data = source.recv(65536)
+                if not data:
+                    return
+                (upstream if source is client else client).sendall(data)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_an_https_proxy_with_a_private_ca_carries_a_tls_pull(tls_registry: LocalRegistry, library: Library,
+                                                             tmp_path: Path) -> None:
+    """TLS to the registry inside TLS to the proxy: the body must come through the tunnel's TLS
+    (reading the proxy's socket directly would write the registry's sealed records into the blob),
+    and BERTH_CA_BUNDLE must vouch for the proxy's certificate as well as the registry's."""
+    assert tls_registry.tls_certificate is not None
+    proxy = TlsConnectProxy(tmp_path / "proxy")
+    try:
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(tls_registry.tls_certificate.read_bytes() + proxy.certificate.read_bytes())
+        weights = os.urandom(3 * MiB + 5)  # past WHOLE_BLOB_BYTES: ranged chunks, bodies read from the tunnel
+        direct = f"{tls_registry.host}/library/m:latest"
+        make_model(library, direct, weights)
+        network = NetworkSettings.from_env({"BERTH_CA_BUNDLE": str(bundle), "HTTPS_PROXY": proxy.url})
+        port = tls_registry.host.rsplit(":", 1)[1]
+        other = Library(tmp_path / "other")
+        with _client_with(network, tmp_path) as client:
+            Pusher(library, client).push(ModelName.parse(direct), lambda e: None)  # loopback: direct
+            assert proxy.targets == []
+            Puller(other, client, chunk_size=MiB).pull(ModelName.parse(f"{PROXIED_HOST}:{port}/library/m:latest"),
+                                                       lambda e: None)
+        assert other.blobs.path(Digest.of_bytes(weights)).read_bytes() == weights
+        assert set(proxy.targets) == {f"{PROXIED_HOST}:{port}"}
+        other.close()
+    finally:
+        proxy.close()
 
 
 def _streams_used(hostile: HostileRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
