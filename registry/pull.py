@@ -97,6 +97,10 @@ class BlobDigestMismatch(DigestMismatch):
                         f"(blob from {host}; the bad download was discarded, nothing was tagged)")
 
 
+class RangeIgnored(RegistryError):
+    """A registry answered a ranged blob request with the whole blob (200): it cannot resume."""
+
+
 class PullCancelled(BerthError):
     """Every client waiting for a pull went away; partial files stay for the next pull."""
 
@@ -173,6 +177,7 @@ class BlobFetch:
         # The blob's sha256, fed in order through whole chunks (by the hashing thread only).
         self._whole = hashlib.sha256()
         self._failure: BaseException | None = None
+        self._sync_failed = False  # an fdatasync or journal write failed (see run)
         self._stopping = False
         # Serialises checkpoints, so an older snapshot can never overwrite a newer one in the catalog.
         self._checkpoint_lock = threading.Lock()
@@ -198,17 +203,29 @@ class BlobFetch:
         checkpointer.start()
         try:
             actual = self._download(fd, plan, recorded)
-        except BaseException:
+            self._stop_checkpoints(checkpointer)
+            if self._sync_failed:
+                # The hash finished before the failed checkpoint was seen: the bytes hashed from
+                # the page cache may never reach the disk, and a later fsync would not say so.
+                raise self._failure or BerthError(f"saving the download of {digest} failed")
+        except BaseException as exc:
             try:
                 self._stop_checkpoints(checkpointer)
-                self._checkpoint(fd)  # what landed is made durable and recorded, so a resume skips it
+                if isinstance(exc, RangeIgnored):
+                    self._discard(path)  # the next pull starts from byte 0, the only start it has
+                elif not self._sync_failed:
+                    # What landed is made durable and recorded, so a resume skips it. Not after a
+                    # failed fdatasync: Linux reports a writeback error once, so a second one would
+                    # "succeed" and record bytes the disk lost.
+                    self._checkpoint(fd)
+            finally:
+                os.close(fd)  # after any discard: the lock keeps other processes off the file until then
+            raise
+        if actual != digest:
+            try:
+                self._discard(path)
             finally:
                 os.close(fd)
-            raise
-        self._stop_checkpoints(checkpointer)
-        if actual != digest:
-            os.close(fd)
-            self._discard(path)
             raise BlobDigestMismatch(digest, actual, self.repo.host)
         try:
             os.fsync(fd)  # the checkpoints already flushed most of it
@@ -344,6 +361,7 @@ class BlobFetch:
                 self._checkpoint(fd)
         except Exception as exc:  # noqa: BLE001 - a full or failing disk or catalog: the pull cannot go on
             with self._cond:
+                self._sync_failed = True
                 if self._failure is None:
                     self._failure = BerthError(f"saving the download of {self.desc.digest} failed: {exc}")
                 self._cond.notify_all()
@@ -469,13 +487,16 @@ class BlobFetch:
         """Block until chunk `idx` has more than `hashed` bytes landed; return how many it has."""
         with self._cond:
             self._hashing = idx
-            while self._landed[idx] <= hashed:
+            # Checked on every call, not only when waiting: a resume re-reads what is on disk
+            # (gigabytes, maybe) without waiting, and a cancel or a failed stream must stop it.
+            while True:
                 if self._failure is not None:
                     raise self._failure
                 if self.cancel.is_set():
                     raise PullCancelled("pull cancelled; run it again to resume")
+                if self._landed[idx] > hashed:
+                    return self._landed[idx]
                 self._cond.wait(0.2)
-            return self._landed[idx]
 
     # -- fetching --------------------------------------------------------------------------------
 
@@ -505,10 +526,22 @@ class BlobFetch:
                 return None
             share = max(1, min(self._run_chunks(plan), -(-len(pending) // max(1, self._streams))))
             first = stop = pending[0]
-            while stop < plan.count and stop - first < share and self._unclaimed(plan, stop):
+            # A run is one range from its first chunk's first missing byte: a later chunk that is
+            # partly on disk (a resume) starts a run of its own, rather than being fetched again.
+            while (stop < plan.count and stop - first < share and self._unclaimed(plan, stop)
+                   and (stop == first or not self._landed[stop])):
                 self._claimed[stop] = True
                 stop += 1
             return first, stop
+
+    def _claim_following(self, plan: ChunkPlan, stop: int) -> int:
+        """Claim the unclaimed chunks from `stop` on, in order (a whole-blob answer brings them
+        all); the run's new stop."""
+        with self._cond:
+            while stop < plan.count and self._unclaimed(plan, stop) and not self._landed[stop]:
+                self._claimed[stop] = True
+                stop += 1
+            return stop
 
     def _run_chunks(self, plan: ChunkPlan) -> int:
         """Under _cond: the most chunks one request asks for. Each request waits for the registry's
@@ -516,7 +549,9 @@ class BlobFetch:
         once the throughput is known, a stream asks for what it moves in a RAMP_INTERVAL (the rest
         of a blob, at loopback speed). A run still ends within a ramp step or so, leaving chunks
         for the streams the ramp adds on a slower link."""
-        if self._first_byte is None:
+        # No estimate before a run's worth has come in: a resume's first run can be one piece,
+        # landed within microseconds of its first byte, which would read as any rate at all.
+        if self._first_byte is None or self.fetched < RUN_CHUNKS * plan.chunk_size:
             return RUN_CHUNKS
         elapsed = time.monotonic() - self._first_byte
         if elapsed <= 0.0:
@@ -529,26 +564,31 @@ class BlobFetch:
         return not self._claimed[idx] and self._landed[idx] < self._length(plan, idx)
 
     def _fetch_run(self, fd: int, plan: ChunkPlan, first: int, stop: int) -> None:
-        end = plan.bounds(stop - 1)[1]
+        def whole_blob() -> int:
+            """The registry sent the whole blob for a range from byte 0: take it all."""
+            nonlocal stop
+            stop = self._claim_following(plan, stop)
+            return plan.bounds(stop - 1)[1]
+
         url = self.repo.blob_url(self.desc.digest)
         scope = self.repo.scope("pull")
         buffer = bytearray(READ_SIZE)  # received into directly, reused for the whole run
         failures = 0
         last_error = ""
         while True:
-            offset = self._resume_point(plan, first, stop)
+            offset, end = self._resume_point(plan, first, stop), plan.bounds(stop - 1)[1]
             if offset >= end:
                 return
             if self.cancel.is_set():
                 raise PullCancelled("pull cancelled")
             try:
-                self._stream_range(fd, plan, url, scope, offset, end, buffer)
-            except (RegistryRefused, RegistryUnauthorized):
+                self._stream_range(fd, plan, url, scope, offset, end, buffer, whole_blob)
+            except (RegistryRefused, RegistryUnauthorized, RangeIgnored):
                 raise  # retrying cannot help, and must not (a refusal is a security decision)
             except (httpx.TransportError, RegistryError) as exc:
                 last_error = describe(exc) if isinstance(exc, httpx.TransportError) else str(exc)
             reached = self._resume_point(plan, first, stop)
-            if reached >= end:
+            if reached >= plan.bounds(stop - 1)[1]:
                 return
             # A connection that delivered bytes before dropping is not a failure: resume at once.
             failures = 0 if reached > offset else failures + 1
@@ -568,12 +608,16 @@ class BlobFetch:
         return plan.bounds(stop - 1)[1]
 
     def _stream_range(self, fd: int, plan: ChunkPlan, url: str, scope: str, offset: int, end: int,
-                      buffer: bytearray) -> None:
+                      buffer: bytearray, whole_blob: Callable[[], int]) -> None:
         headers = {"Range": f"bytes={offset}-{end - 1}", "Accept-Encoding": "identity"}
         with self.client.stream("GET", url, self.repo, scope, headers=headers, ok=(200, 206)) as response:
             if response.status_code == 200 and offset != 0:
-                raise RegistryError(f"{self.repo.host} ignored the Range header for {self.desc.digest}; "
-                                    "this registry cannot serve resumable downloads")
+                raise RangeIgnored(
+                    f"{self.repo.host} ignored the Range header for {self.desc.digest}, so the download cannot "
+                    f"go on from byte {offset}; the partial download was discarded: run the pull again to "
+                    "fetch the blob from its start")
+            if response.status_code == 200 and end < self.total:
+                end = whole_blob()  # a registry without ranges: one stream takes the whole body
             if response.status_code == 206:
                 served = response.headers.get("content-range", "")
                 if not served.startswith(f"bytes {offset}-"):

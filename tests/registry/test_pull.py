@@ -7,6 +7,7 @@ stalls, dropped connections, redirects to another host, foreign token realms.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -27,13 +28,15 @@ import pytest
 from registry.catalog.downloads import DownloadJournal
 from registry.credentials import Credential, CredentialStore
 from registry.digest import Digest
-from registry.errors import InvalidDigest, InvalidInput, TooLarge
+from registry.errors import BerthError, InvalidDigest, InvalidInput, TooLarge
 from registry.library import Library
-from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER
+from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, Descriptor
 from registry.names import ModelName
 from registry.network import NetworkSettings
-from registry.oci import RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, RetryPolicy, Timeouts
-from registry.pull import BlobDigestMismatch, PullCancelled, Puller, PullResult, SharedDownloads, partial_path
+from registry.oci import (RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, Repository, RetryPolicy,
+                          Timeouts)
+from registry.pull import (BlobDigestMismatch, BlobFetch, PullCancelled, Puller, PullResult, SharedDownloads,
+                           partial_path)
 from registry.push import Pusher
 from registry.rate import RateLimiter, parse_rate
 from tests.fake_http import LoopbackServer, QuietHandler
@@ -63,6 +66,7 @@ class Behaviour:
     throttle_first: int = 0              # answer this many requests with 429 Retry-After: 1
     connection_rate: int | None = None   # send each blob body at this many bytes/s (a throttled CDN)
     link_rate: int | None = None         # send all blob bodies together at this many bytes/s (a slow link)
+    no_ranges: bool = False              # ignore Range: every blob GET gets the whole blob, 200
     bodies_at_once: int = 0              # most blob bodies being sent at the same time, so far
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
@@ -127,7 +131,7 @@ class HostileRegistry:
                 start, end = 0, len(data) - 1
                 status = 200
                 ranged = self.headers.get("Range")
-                if ranged:
+                if ranged and not b.no_ranges:
                     first, _, last = ranged.removeprefix("bytes=").partition("-")
                     start, end = int(first), min(int(last or end), end)
                     status = 206
@@ -444,6 +448,38 @@ def test_a_lone_stream_asks_for_the_rest_once_its_throughput_is_known(
         f"bytes=0-{first - 1}", f"bytes={first}-{3 * MiB - 1}"]
 
 
+def _fetch_of(library: Library, tmp_path: Path, size: int, chunk: int) -> BlobFetch:
+    """A BlobFetch of a blob nobody serves, for checking its bookkeeping alone."""
+    puller = make_puller(library, tmp_path, chunk=chunk)
+    desc = Descriptor(MODEL_LAYER, Digest.of_bytes(b"x"), size)
+    return BlobFetch(puller.client, Repository.of(ModelName.parse("127.0.0.1:9/library/m:latest")), desc,
+                     library.blobs, puller.journal, chunk_size=chunk)
+
+
+def test_run_length_needs_a_run_of_bytes_before_it_trusts_the_throughput(library: Library, tmp_path: Path) -> None:
+    """A resume's first run can be one small piece, landed microseconds after its first byte: read
+    as a rate, that would let one stream claim the whole rest and keep the ramp from adding any."""
+    import registry.pull
+
+    fetch = _fetch_of(library, tmp_path, size=64 * MiB, chunk=MiB)
+    plan = registry.pull.ChunkPlan(64 * MiB, MiB)
+    fetch._first_byte, fetch.fetched = time.monotonic() - 0.0002, 100_000  # noqa: SLF001
+    assert fetch._run_chunks(plan) == registry.pull.RUN_CHUNKS  # noqa: SLF001
+    fetch._first_byte, fetch.fetched = time.monotonic() - 0.05, 16 * MiB  # 320 MiB/s, measured on 16 chunks  # noqa: SLF001
+    assert fetch._run_chunks(plan) > registry.pull.RUN_CHUNKS  # noqa: SLF001
+
+
+def test_the_hasher_sees_a_cancel_without_waiting_for_bytes(library: Library, tmp_path: Path) -> None:
+    """A resume re-reads what is already on disk without waiting for the network; a cancel (or a
+    failed stream) must stop it there too, not only once it catches up with the download."""
+    fetch = _fetch_of(library, tmp_path, size=2 * MiB, chunk=MiB)
+    fetch._landed = [MiB, MiB]  # noqa: SLF001 - both chunks on disk already
+    assert fetch._wait_for_bytes(0, 0) == MiB  # noqa: SLF001
+    fetch.cancel.set()
+    with pytest.raises(PullCancelled):
+        fetch._wait_for_bytes(1, 0)  # noqa: SLF001
+
+
 # Chunks at page boundaries are hashed through a mapping; others (1_000_003) are read into a buffer.
 @pytest.mark.parametrize("chunk", [MiB, 1_000_003])
 def test_truncated_blob_fails_then_resumes(hostile: HostileRegistry, library: Library, tmp_path: Path,
@@ -463,6 +499,66 @@ def test_truncated_blob_fails_then_resumes(hostile: HostileRegistry, library: Li
     result = puller.pull(_name(hostile), lambda e: None, insecure=True)
     assert library.blobs.path(digest).read_bytes() == weights
     assert result.fetched_bytes <= len(weights) - kept + 100  # config is tiny; the kept bytes were not refetched
+
+
+def test_a_registry_that_ignores_range_is_read_whole_by_one_stream(hostile: HostileRegistry, library: Library,
+                                                                   tmp_path: Path) -> None:
+    """Every blob GET is answered 200 with the whole blob: the first run's answer is kept to the end
+    (one request), instead of cut at the run's end with the rest unobtainable."""
+    weights = os.urandom(5 * MiB + 3)  # 21 chunks of 256 KiB: more than one run
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.no_ranges = True
+    _pull(make_puller(library, tmp_path, chunk=256 * 1024), _name(hostile))
+    assert library.blobs.path(digest).read_bytes() == weights
+    assert len(_blob_gets(hostile, digest)) == 1
+
+
+def test_a_resume_from_a_registry_that_ignores_range_starts_over(hostile: HostileRegistry, library: Library,
+                                                                tmp_path: Path) -> None:
+    """A resume needs a range; a registry that answers with the whole blob gets no retries (they
+    would each download it again), the partial download is discarded, and the next pull starts at 0."""
+    weights = os.urandom(3 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    hostile.behaviour.stop_at = MiB + 1000
+    puller = make_puller(library, tmp_path, chunk=MiB)
+    with pytest.raises(RegistryError):
+        _pull(puller, _name(hostile))
+    assert partial_path(library.blobs, digest).exists()
+    hostile.behaviour.stop_at, hostile.behaviour.no_ranges = None, True
+    before = len(_blob_gets(hostile, digest))
+    with pytest.raises(RegistryError, match="ignored the Range header.*run the pull again"):
+        _pull(puller, _name(hostile))
+    assert len(_blob_gets(hostile, digest)) == before + 1
+    assert not partial_path(library.blobs, digest).exists() and puller.journal.load(digest) is None
+    _pull(puller, _name(hostile))
+    assert library.blobs.path(digest).read_bytes() == weights
+
+
+def test_a_failed_fdatasync_is_not_recorded_as_durable(hostile: HostileRegistry, library: Library, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAKE disk error (a failing disk cannot be had on demand): the partial file's first fdatasync
+    fails with EIO. Linux reports a writeback error once, so a second fdatasync succeeds although
+    the bytes may be lost: nothing of the download may be recorded as durable after the first."""
+    weights = os.urandom(3 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    real = os.fdatasync
+    failed: list[int] = []
+
+    def fails_once(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fails_once)
+    puller = make_puller(library, tmp_path, chunk=MiB)
+    with pytest.raises(BerthError, match="saving the download.*Input/output error"):
+        _pull(puller, _name(hostile))
+    state = puller.journal.load(digest)
+    assert failed and (state is None or all(c.completed == 0 for c in state.chunks.values()))
+    monkeypatch.setattr(os, "fdatasync", real)
+    _pull(puller, _name(hostile))  # starts again from what is recorded: nothing
+    assert library.blobs.path(digest).read_bytes() == weights
 
 
 def test_registry_that_hangs_mid_body_times_out(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:
