@@ -108,6 +108,9 @@ class _Slot:
     prompt_eval_count: int = 0
     started_ns: int = 0
     first_token_ns: int = 0
+    # KV cells held beyond `cached`'s positions: an image on an M-RoPE model (Qwen2-VL and
+    # later) fills one cell per embedding but advances the position by less.
+    extra_cells: int = 0
 
 
 class BatchEngine:
@@ -168,6 +171,11 @@ class BatchEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._n_swa = int(llama_cpp.llama_model_n_swa(self._model))
+        # A recurrent state (Mamba, RWKV; hybrids such as Jamba or Granite 4 hold one beside their
+        # KV cells) is one per sequence and has no ranges: copying "the first n positions" of a
+        # donor copies its whole state, so sequences share no prefixes there.
+        self._shares_cells = not (llama_cpp.llama_model_is_recurrent(self._model)
+                                  or llama_cpp.llama_model_is_hybrid(self._model))
         # Unified, llama.cpp lets one sequence have every cell; the engine holds each to its share.
         self.n_ctx_per_slot = min(n_ctx_per_slot, int(llama_cpp.llama_n_ctx_seq(self._ctx)))
         self.n_batch = n_batch
@@ -415,6 +423,7 @@ class BatchEngine:
         sequence then joins the batched decoding like any other."""
         assert job.encoded is not None, "an image request reaches a slot only through the encoder"
         self._drop_kv(slot)
+        cells = job.encoded.cells
         try:
             positions = self._projector.evaluate(self._ctx, job.encoded, slot.seq_id, self.n_batch)
         except BaseException:
@@ -426,7 +435,11 @@ class BatchEngine:
         # Placeholders, one per position: no later prompt's tokens match them, so nothing reuses a
         # prefix that runs into an image.
         self._assign(slot, job, sampler, cached=[-1] * positions, to_prefill=[], evaluated=positions)
-        self._sample(slot)  # the projector's evaluation left the logits of the last position (index -1)
+        slot.extra_cells = max(0, cells - positions)
+        try:
+            self._sample(slot)  # the projector's evaluation left the logits of the last position (index -1)
+        except Exception as exc:  # noqa: BLE001 - the slot is this request's now: free it with the error
+            self._fail(slot, exc)
 
     @staticmethod
     def _assign(slot: _Slot, job: _Job, sampler: Any, cached: list[int], to_prefill: list[int],
@@ -446,6 +459,7 @@ class BatchEngine:
         slot.logprobs = []
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
+        slot.extra_cells = 0
 
     def _reusable_prefix(self, slot: _Slot, prompt: list[int], held: Mapping[int, int]) -> int:
         """How many leading prompt tokens `slot`'s sequence holds for `prompt` (the rest of its KV
@@ -461,7 +475,8 @@ class BatchEngine:
         reuse = min(held[slot.seq_id], limit)
         donor = max(self._slots, key=lambda s: held[s.seq_id])
         shared = min(held[donor.seq_id], limit)
-        if shared > reuse and shared >= SHARE_MIN_TOKENS and self._window_holds(donor, shared):
+        if (shared > reuse and shared >= SHARE_MIN_TOKENS and self._shares_cells
+                and self._window_holds(donor, shared)):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._memory, donor.seq_id, slot.seq_id, 0, shared)
             return shared
@@ -575,7 +590,7 @@ class BatchEngine:
             self._finish(slot, "stop")
         elif 0 <= options.num_predict <= len(slot.generated):
             self._finish(slot, "length")
-        elif len(slot.cached) + 1 >= self.n_ctx_per_slot:
+        elif len(slot.cached) + slot.extra_cells + 1 >= self.n_ctx_per_slot:
             # The next token would not fit this slot's context. (A window with images cannot be
             # evaluated again from tokens, so such a sequence stops instead of shifting.)
             if job.shift and not job.images:

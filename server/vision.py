@@ -49,7 +49,8 @@ class Encoded:
 
     mtmd: Any
     chunks: Any
-    positions: int = 0
+    positions: int = 0  # what the sequence's position advances by
+    cells: int = 0  # KV cells it fills: more than `positions` on M-RoPE models (an image's rows share one)
     embeddings: dict[int, Any] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -123,10 +124,18 @@ class Projector:
                     raise InputError(f"the prompt and its {len(bitmaps)} image(s) could not be tokenized "
                                      f"together (libmtmd status {status})")
                 encoded.positions = int(mtmd.mtmd_helper_get_n_pos(chunks))
-                if encoded.positions >= limit:
-                    raise InputError(f"the prompt with its images is {encoded.positions} positions, which does "
-                                     f"not fit the context of {limit}; raise num_ctx or send fewer or smaller "
-                                     "images")
+                encoded.cells = int(mtmd.mtmd_helper_get_n_tokens(chunks))
+                if max(encoded.positions, encoded.cells) >= limit:
+                    raise InputError(f"the prompt with its images is {max(encoded.positions, encoded.cells)} "
+                                     f"tokens, which does not fit the context of {limit}; raise num_ctx or send "
+                                     "fewer or smaller images")
+                last = int(mtmd.mtmd_input_chunks_size(chunks)) - 1
+                if last >= 0 and mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, last)) != TEXT_CHUNK:
+                    # The first token is sampled from the last position's logits, which only a
+                    # text chunk gives (models that close an image with text of their own, such as
+                    # Gemma 3, never end here).
+                    raise InputError("the prompt ends with an image, and this model needs text after its last "
+                                     "image: add the question or instruction after it")
                 for index in range(int(mtmd.mtmd_input_chunks_size(chunks))):
                     chunk = mtmd.mtmd_input_chunks_get(chunks, index)
                     if mtmd.mtmd_input_chunk_get_type(chunk) == TEXT_CHUNK:

@@ -243,6 +243,30 @@ def test_a_prompt_that_starts_like_another_sequence_shares_its_cells(engine: Bat
     assert_kv_matches_slots(engine)
 
 
+def test_a_model_with_a_recurrent_state_shares_no_prefixes(engine: BatchEngine, llm: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a recurrent or hybrid model (Mamba, RWKV, Jamba, Granite 4) copying a donor's first n
+    positions copies its whole state, another user's conversation included. No such model is at
+    hand, so the engine's finding is set here (it comes from llama_model_is_recurrent/_hybrid,
+    false for Gemma 3): a request that starts like a running one then evaluates its whole prompt."""
+    assert engine._shares_cells  # noqa: SLF001 - Gemma 3 is a transformer
+    monkeypatch.setattr(engine, "_shares_cells", False)
+    system = "You are a helpful assistant who answers briefly and precisely. " * 6
+    running = tokens_of(llm, system + "Question: what is the capital of France?")
+    joining = tokens_of(llm, system + "Question: name three primary colors.")
+    engine.forget_prefixes()
+    driver = Driver(engine)
+    first = driver.submit(running, {"temperature": 0, "num_predict": 40})
+    for _ in range(3):
+        engine.step()
+    second = driver.submit(joining, GREEDY)
+    driver.run()
+    stats = driver.outcomes[second].stats
+    assert stats is not None and stats["prompt_eval_count"] == len(joining)
+    assert driver.outcomes[first].stats is not None
+    assert_kv_matches_slots(engine)
+
+
 def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request(engine: BatchEngine, llm: Any) -> None:
     driver = Driver(engine)
     long_run = {"temperature": 0, "num_predict": 200}
