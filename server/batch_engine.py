@@ -303,13 +303,14 @@ class BatchEngine:
     def _decode(self, slots: Sequence[_Slot], prefill_room: int) -> bool:
         """One `llama_decode` of the slots' next tokens and up to `prefill_room` prompt tokens,
         then sampling where a sequence's logits came out. False when there was nothing to decode."""
-        if self._fill_batch(slots, prefill_room) == 0:
+        batched = self._fill_batch(slots, prefill_room)
+        if not batched:
             return False
         status = self._llama.llama_decode(self._ctx, self._batch)
         if status != 0:
             # 1 = no KV room (cannot happen with cells sized to the prompt check), 2 = aborted,
-            # negative = error. Either way the sequences in this batch are lost.
-            self._fail_batch(EngineError(f"llama_decode failed with status {status}"), slots)
+            # negative = error. Either way the sequences in this batch are lost; the others are not.
+            self._fail_batch(EngineError(f"llama_decode failed with status {status}"), batched)
             return True
         for slot in slots:
             if slot.job is not None and slot.batch_index >= 0:
@@ -521,11 +522,12 @@ class BatchEngine:
             add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
 
-    def _fill_batch(self, slots: Sequence[_Slot], prefill_room: int) -> int:
+    def _fill_batch(self, slots: Sequence[_Slot], prefill_room: int) -> list[_Slot]:
         """Next tokens of generating slots first, then prompt chunks in the room that is left of
-        `prefill_room`."""
+        `prefill_room`; the slots that have tokens in the batch."""
         batch = self._batch
         count = 0
+        batched: list[_Slot] = []
 
         def put(slot: _Slot, token: int, wants_logits: bool) -> None:
             nonlocal count
@@ -536,6 +538,8 @@ class BatchEngine:
             batch.logits[count] = wants_logits
             if wants_logits:
                 slot.batch_index = count
+            if not batched or batched[-1] is not slot:
+                batched.append(slot)
             slot.cached.append(token)
             count += 1
 
@@ -555,7 +559,7 @@ class BatchEngine:
             for index, token in enumerate(chunk):
                 put(slot, token, not slot.to_prefill and index == len(chunk) - 1)
         batch.n_tokens = count
-        return count
+        return batched
 
     def _sample(self, slot: _Slot) -> None:
         llama_cpp = self._llama

@@ -267,6 +267,43 @@ def test_a_model_with_a_recurrent_state_shares_no_prefixes(engine: BatchEngine, 
     assert_kv_matches_slots(engine)
 
 
+class FailingDecode:
+    """FAKE failure of llama.cpp (an aborted or failed decode cannot be had on demand): the real
+    bindings, except that the next `llama_decode` after `arm()` returns -1."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def llama_decode(self, ctx: Any, batch: Any) -> int:
+        if self.armed:
+            self.armed = False
+            return -1
+        return int(self._real.llama_decode(ctx, batch))
+
+
+def test_a_failed_decode_ends_only_the_sequences_in_its_batch(invariant_engine: BatchEngine, llm: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch-invariant engine decodes the running sequences' tokens apart from each new prompt:
+    when that first decode fails, the request still waiting for its prompt's decode goes on."""
+    failing = FailingDecode(llama_cpp)
+    monkeypatch.setattr(invariant_engine, "_llama", failing)
+    driver = Driver(invariant_engine)
+    running = driver.submit(tokens_of(llm, PROMPTS[0]), {"temperature": 0, "num_predict": 60})
+    for _ in range(3):
+        invariant_engine.step()
+    joining = driver.submit(tokens_of(llm, PROMPTS[1]), GREEDY)
+    failing.armed = True
+    driver.run()
+    assert isinstance(driver.outcomes[running].error, Exception)
+    assert "llama_decode failed" in str(driver.outcomes[running].error)
+    assert driver.outcomes[joining].error is None and len(driver.outcomes[joining].generated) == 24
+    assert_kv_matches_slots(invariant_engine)
+
+
 def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request(engine: BatchEngine, llm: Any) -> None:
     driver = Driver(engine)
     long_run = {"temperature": 0, "num_predict": 200}
