@@ -28,6 +28,7 @@ import json
 import random
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Protocol
@@ -132,6 +133,11 @@ class Repository:
         return cls(name.host.lower(), name.repository, insecure or name.scheme == "http")
 
     @property
+    def origin(self) -> str:
+        """scheme://host:port of the registry: the only place its credentials and tokens go."""
+        return _origin(f"{'http' if self.insecure else 'https'}://{self.host}/")
+
+    @property
     def base(self) -> str:
         return f"{'http' if self.insecure else 'https'}://{self.host}/v2/{self.path}"
 
@@ -145,8 +151,14 @@ class Repository:
         return f"{self.base}/blobs/uploads/" + (f"?{urlencode(query)}" if query else "")
 
     def absolute(self, location: str) -> str:
-        """Resolve a `Location` the registry gave (often relative) against the registry."""
-        return urljoin(f"{'http' if self.insecure else 'https'}://{self.host}/", location)
+        """Resolve a `Location` the registry gave (often relative) against the registry. It may
+        name another host (which then gets no credentials), but not plain http from https."""
+        url = urljoin(f"{'http' if self.insecure else 'https'}://{self.host}/", location)
+        scheme = urlsplit(url).scheme
+        if scheme not in ("http", "https") or (scheme == "http" and not self.insecure):
+            raise RegistryRefused(f"{self.host} named {_redact(url)} to send data to; only https is followed "
+                                  "from an https registry")
+        return url
 
     def scope(self, *actions: str) -> str:
         return f"repository:{self.path}:{','.join(actions)}"
@@ -194,7 +206,9 @@ def _auth_params(text: str) -> dict[str, str]:
 
 
 def read_bounded(response: httpx.Response, limit: int, what: str) -> bytes:
-    """Read a (streamed) body whole, refusing more than `limit` bytes after decoding."""
+    """Read a (streamed) body whole, refusing more than `limit` bytes after decoding. A gzip or
+    deflate body is inflated here, never more than the bound at a time: httpx's own decoder inflates
+    each network read whole, and 64 KiB of a gzip bomb is 64 MiB."""
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         response.close()
@@ -202,18 +216,51 @@ def read_bounded(response: httpx.Response, limit: int, what: str) -> bytes:
     chunks: list[bytes] = []
     total = 0
     try:
-        for chunk in response.iter_bytes():
-            total += len(chunk)
-            if total > limit:
-                raise TooLarge(f"{what} is larger than the {limit}-byte limit; refusing it")
-            chunks.append(chunk)
-    except httpx.DecodingError as exc:
+        inflate = _Inflater.for_encoding(response.headers.get("content-encoding", ""), what)
+        for raw in response.iter_raw():
+            for chunk in inflate.feed(raw, limit + 1 - total) if inflate else (raw,):
+                total += len(chunk)
+                if total > limit:
+                    raise TooLarge(f"{what} is larger than the {limit}-byte limit; refusing it")
+                chunks.append(chunk)
+    except zlib.error as exc:
         raise RegistryError(f"{what} could not be decoded: {exc}") from None
     except httpx.TransportError as exc:
         raise RegistryError(f"reading {what} failed: {describe(exc)}") from None
     finally:
         response.close()
     return b"".join(chunks)
+
+
+class _Inflater:
+    """gzip (concatenated members too) or deflate, inflated at most `room` bytes per step."""
+
+    def __init__(self, wbits: int) -> None:
+        self._wbits = wbits
+        self._state = zlib.decompressobj(wbits)
+
+    @classmethod
+    def for_encoding(cls, header: str, what: str) -> "_Inflater | None":
+        encoding = header.strip().lower()
+        if encoding in ("", "identity"):
+            return None
+        if encoding in ("gzip", "x-gzip"):
+            return cls(16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            return cls(zlib.MAX_WBITS)
+        raise RegistryError(f"{what} came with Content-Encoding {header!r}, which Berth does not decode")
+
+    def feed(self, data: bytes, room: int) -> Iterator[bytes]:
+        """Inflate `data`, yielding pieces of at most `room` bytes in all; the caller stops the
+        iteration once the bound is passed, so no more than that is ever held."""
+        while data:
+            piece = self._state.decompress(data, max(1, room))
+            room -= len(piece)
+            yield piece
+            data = self._state.unconsumed_tail
+            if self._state.eof:  # a gzip member ended: whatever follows is the next one
+                data = data or self._state.unused_data
+                self._state = zlib.decompressobj(self._wbits)
 
 
 def describe(exc: httpx.TransportError) -> str:
@@ -292,7 +339,9 @@ class RegistryClient:
                 time.sleep(self.retry.backoff(attempt - 1))
                 continue
             status = response.status_code
-            if status == 401 and not authenticated_again and _origin(str(response.url)) == _origin(url):
+            # Only the registry's own challenge is answered with its credentials: a 401 from
+            # blob storage or an upload host elsewhere is that host's business.
+            if status == 401 and not authenticated_again and _origin(str(response.url)) == repo.origin:
                 challenge = response.headers.get("www-authenticate", "")
                 response.close()
                 self._authenticate(repo, scope, Challenge.parse(challenge))
@@ -310,13 +359,13 @@ class RegistryClient:
 
     def _send(self, method: str, url: str, repo: Repository, scope: str, headers: Mapping[str, str],
               content: bytes | None) -> httpx.Response:
-        origin = _origin(url)
         current, current_method, body = url, method, content
         auth = self._authorization(repo, scope)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            # Credentials go only to the registry itself, never to a host we were redirected to.
-            if auth and _origin(current) == origin:
+            # Credentials go only to the registry itself: not to a host it redirected to, nor to
+            # one it named as an upload's Location.
+            if auth and _origin(current) == repo.origin:
                 sent["Authorization"] = auth
             request = self._http.build_request(current_method, current, headers=sent, content=body)
             response = self._http.send(request, stream=True)
@@ -390,7 +439,7 @@ class RegistryClient:
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RegistryRefused(f"{repo.host} sent an invalid token realm {realm!r}")
-        expected = _origin(f"{'http' if repo.insecure else 'https'}://{repo.host}/")
+        expected = repo.origin
         actual = _origin(realm)
         if actual != expected or "@" in parts.netloc:
             raise RegistryRefused(
@@ -412,7 +461,8 @@ class RegistryClient:
             if credential is not None:
                 headers["Authorization"] = credential.basic_header()
         try:
-            response = self._http.get(token_url, headers=headers)
+            # Streamed and read through the bound: a compressed body is refused as it inflates.
+            response = self._http.send(self._http.build_request("GET", token_url, headers=headers), stream=True)
         except httpx.TransportError as exc:
             raise RegistryError(f"token request to {repo.host} failed: {describe(exc)}") from None
         if response.status_code in (401, 403):
@@ -422,10 +472,9 @@ class RegistryClient:
         if response.status_code != 200:
             response.close()
             raise RegistryError(f"token request to {repo.host} answered {response.status_code}")
-        if len(response.content) > MAX_SMALL_BODY:
-            raise TooLarge("token response is too large")
+        body = read_bounded(response, MAX_SMALL_BODY, "token response")
         try:
-            doc = json.loads(response.content)
+            doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
         except (ValueError, AttributeError):
             token = None

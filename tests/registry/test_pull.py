@@ -67,6 +67,7 @@ class Behaviour:
     connection_rate: int | None = None   # send each blob body at this many bytes/s (a throttled CDN)
     link_rate: int | None = None         # send all blob bodies together at this many bytes/s (a slow link)
     no_ranges: bool = False              # ignore Range: every blob GET gets the whole blob, 200
+    token_bomb: bool = False             # the token endpoint answers with a gzip bomb
     bodies_at_once: int = 0              # most blob bodies being sent at the same time, so far
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
@@ -93,6 +94,8 @@ class HostileRegistry:
                     b.throttle_first -= 1
                     return self._send(429, b"slow down", {"Retry-After": "1"})
                 if self.path.startswith("/token"):
+                    if b.token_bomb:
+                        return self._send(200, BOMB, {"Content-Encoding": "gzip", "Content-Type": "application/json"})
                     return self._send(200, b'{"token":"stolen"}')
                 if self.path.startswith("/storage/"):
                     return self._blob(self.path.rsplit("/", 1)[1], head)
@@ -621,6 +624,26 @@ def test_same_host_token_realm_is_used(hostile: HostileRegistry, library: Librar
     assert len(tokens) == 1 and "scope=repository%3Alibrary%2Fm%3Apull" in tokens[0][1]
     assert all(h.get("Authorization") == "Bearer stolen" for m, p, h in hostile.behaviour.requests[2:]
                if p.startswith("/v2/"))
+
+
+def test_a_token_answer_that_inflates_is_refused_without_inflating_it(hostile: HostileRegistry, library: Library,
+                                                                      tmp_path: Path) -> None:
+    """The realm is the registry's own (so allowed), but its answer is a gzip bomb: it is read
+    through the size bound as it decodes, not decoded whole first (Ollama's CVE-2024-12886 class)."""
+    import tracemalloc
+
+    hostile.serve_model(b"weights")
+    hostile.behaviour.bearer_realm = f"http://{hostile.host}/token"
+    hostile.behaviour.token_bomb = True
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLarge, match="token response"):
+            _pull(make_puller(library, tmp_path), _name(hostile))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MiB  # one bomb member inflates to 64 MiB
+    assert library.names() == []
 
 
 def test_retry_after_is_honoured(hostile: HostileRegistry, library: Library, tmp_path: Path) -> None:

@@ -166,3 +166,64 @@ def test_docker_config_credentials_are_a_fallback(tmp_path: Path) -> None:
     assert store.get("reg.example:5000") == Credential("bob", "x")
     assert store.remove("reg.example:5000") and store.get("reg.example:5000") == Credential("alice", "pw:with:colons")
     assert "pw" not in repr(store.get("reg.example:5000"))
+
+
+def test_an_upload_location_on_another_host_gets_no_credentials(library: Library, tmp_path: Path) -> None:
+    """A registry (Basic auth) names an upload Location on another host: the blob may go there,
+    the user's password may not (nor may that host's 401 be answered with it)."""
+    from registry.oci import RegistryError
+    from tests.fake_http import LoopbackServer, QuietHandler
+
+    elsewhere: list[dict[str, str]] = []
+
+    class Elsewhere(QuietHandler):
+        def _record(self) -> None:
+            elsewhere.append(dict(self.headers))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._send(401, b"", {"WWW-Authenticate": 'Basic realm="elsewhere"'})
+
+        do_PATCH = do_PUT = do_GET = _record
+
+    other_host = LoopbackServer(Elsewhere)
+
+    class Registry(QuietHandler):
+        def _handle(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if not (self.headers.get("Authorization") or "").startswith("Basic "):
+                return self._send(401, b"", {"WWW-Authenticate": 'Basic realm="registry"'})
+            if self.command == "HEAD":
+                return self._send(404)
+            if self.command == "POST" and "/blobs/uploads/" in self.path:
+                # "localhost" is another origin than the 127.0.0.1 the registry is reached at.
+                return self._send(202, b"", {"Location": f"http://localhost:{other_host.port}/upload/1"})
+            self._send(404)
+
+        do_HEAD = do_POST = do_GET = do_PUT = _handle
+
+    registry = LoopbackServer(Registry)
+    try:
+        name = f"{registry.host}/library/m:v1"
+        make_model(library, name, os.urandom(10_000))
+        store = CredentialStore(tmp_path / "creds.json", tmp_path / "docker.json")
+        store.save(registry.host, Credential("alice", "s3cret"))
+        with RegistryClient(store, Timeouts(read=10), FAST_RETRY) as client:
+            with pytest.raises(RegistryError):
+                Pusher(library, client).push(ModelName.parse(name), lambda e: None, insecure=True)
+        assert elsewhere, "the push never reached the upload host"
+        assert all("Authorization" not in headers and "authorization" not in headers for headers in elsewhere)
+    finally:
+        registry.close()
+        other_host.close()
+
+
+def test_an_upload_location_may_not_downgrade_to_plain_http() -> None:
+    from registry.oci import RegistryRefused, Repository
+
+    secure = Repository("reg.example", "library/m")
+    assert secure.absolute("/v2/library/m/blobs/uploads/1") == "https://reg.example/v2/library/m/blobs/uploads/1"
+    assert secure.absolute("https://storage.example/u/1") == "https://storage.example/u/1"
+    with pytest.raises(RegistryRefused, match="only https"):
+        secure.absolute("http://reg.example/v2/library/m/blobs/uploads/1")
+    with pytest.raises(RegistryRefused):
+        secure.absolute("file:///etc/passwd")
+    assert Repository("reg.example", "library/m", insecure=True).absolute("http://x/u") == "http://x/u"
