@@ -205,6 +205,9 @@ class _Runner:
             )
         self.embedder: Any = None
         self.cancelled: set[int] = set()
+        # Ids received and not yet answered: a cancel for any other id (it crossed the request's
+        # end on the pipe) is dropped, not kept for ever.
+        self.live: set[int] = set()
         self.cancel_lock = threading.Lock()
         # The batch engine's thread sends too, and a Connection is not thread-safe.
         self.send_lock = threading.Lock()
@@ -283,13 +286,23 @@ class _Runner:
                 return
             if message.get("op") == "cancel":
                 with self.cancel_lock:
-                    self.cancelled.add(message["id"])
-                    if self.engine is not None:
-                        self.engine.cancel(message["id"])
+                    if message["id"] in self.live:
+                        self.cancelled.add(message["id"])
+                        if self.engine is not None:
+                            self.engine.cancel(message["id"])
             elif message.get("op") == "shutdown":
                 self.jobs.put(None)
                 return
+            elif message.get("op") in ("tokenize", "detokenize"):
+                # Answered here at once, not behind a generation on the owner thread (one at a time
+                # without batching): the server counts a chat's tokens before the request takes a
+                # place in its bounded queue, so waiting here would let a burst pile up unbounded.
+                # llama.cpp's vocabulary is read-only once loaded (its server tokenizes on its HTTP
+                # threads too).
+                self.run_job(message)
             else:
+                with self.cancel_lock:
+                    self.live.add(message.get("id", -1))
                 self.jobs.put(message)
 
     def is_cancelled(self, job_id: int) -> bool:
@@ -299,6 +312,7 @@ class _Runner:
     def forget(self, job_id: int) -> None:
         with self.cancel_lock:
             self.cancelled.discard(job_id)
+            self.live.discard(job_id)
 
     def serve(self) -> None:
         threading.Thread(target=self.read_loop, name="runner-reader", daemon=True).start()

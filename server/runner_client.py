@@ -124,9 +124,11 @@ class RunnerProcess:
                     if message.get("kind") == "input":
                         raise InvalidInput(message.get("message", "invalid request"))
                     raise RunnerError(message.get("message", "runner error"))
+                # Finished before the last yield: a consumer that stops there (call() returns at its
+                # result) closes this generator, which must not then cancel a finished request.
+                finished = kind in ("done", "result")
                 yield message
-                if kind in ("done", "result"):
-                    finished = True
+                if finished:
                     return
         finally:
             with self._lock:

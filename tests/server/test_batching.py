@@ -273,3 +273,44 @@ def test_a_long_embedding_request_holds_up_no_generation(batching_server: BerthS
     order.append("generate")
     thread.join()
     assert order == ["generate", "embed"]
+
+
+def test_without_batching_a_chat_burst_is_turned_away_while_a_generation_runs(tmp_path: Path) -> None:
+    """One generation at a time (BERTH_BATCHING=0) and a queue of 2. A chat counts its tokens
+    before it queues for the slot; when the runner answered that only between generations, every
+    chat of a burst waited there, unbounded, and none got its 503 until the generation ended."""
+    server = start_server(tmp_path / "models", tmp_path / "server.log",
+                          {"BERTH_BATCHING": "0", "BERTH_MAX_QUEUE": "2", "BERTH_KEEP_ALIVE": "-1"})
+    try:
+        short = {"model": "gemma3:270m", "prompt": "hi", "options": {"num_predict": 1}}
+        assert httpx.post(server.url + "/api/generate", json=short, timeout=120).status_code == 200  # loaded
+        ended: dict[str, float] = {}
+        answers: list[tuple[int, float]] = []
+        lock = threading.Lock()
+
+        def long_generation() -> None:
+            body = {"model": "gemma3:270m", "prompt": "1, 2, 3,", "raw": True, "stream": False,
+                    "options": {"num_predict": 400, "temperature": 0}}
+            assert httpx.post(server.url + "/api/generate", json=body, timeout=300).status_code == 200
+            ended["long"] = time.monotonic()
+
+        def chat() -> None:
+            body = {"model": "gemma3:270m", "stream": False, "options": {"num_predict": 1},
+                    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+            reply = httpx.post(server.url + "/api/chat", json=body, timeout=300)
+            with lock:
+                answers.append((reply.status_code, time.monotonic()))
+
+        running = threading.Thread(target=long_generation)
+        running.start()
+        time.sleep(1.0)  # the generation holds the one slot
+        burst = [threading.Thread(target=chat) for _ in range(8)]
+        for thread in burst:
+            thread.start()
+        for thread in burst + [running]:
+            thread.join()
+        busy = [when for status, when in answers if status == 503]
+        assert {status for status, _ in answers} <= {200, 503} and len(busy) >= 5  # 1 slot + 2 places
+        assert all(when < ended["long"] for when in busy)  # turned away at once, not after the generation
+    finally:
+        server.stop()
