@@ -174,7 +174,10 @@ class Scheduler:
                                                   str(m.ref.name)))
                 await self._unload(victim)
             else:
-                await self._wait_until(lambda: any(m.refcount == 0 for m in self._loaded.values()))
+                # Room also comes from a busy model leaving by itself (keep_alive 0, a dead runner):
+                # its unload removes it before anyone sees it idle.
+                await self._wait_until(lambda: len(self._loaded) < self.max_loaded
+                                       or any(m.refcount == 0 for m in self._loaded.values()))
 
     async def _load(self, ref: ModelRef, keep_alive: float | None) -> Loaded:
         runner = RunnerProcess(ref.spec, ref.name.display)
@@ -212,7 +215,8 @@ class Scheduler:
         if self._loaded.get(loaded.ref.digest) is not loaded:
             pass  # already replaced or unloaded
         elif not loaded.runner.alive or loaded.keep_alive <= 0:
-            asyncio.get_running_loop().create_task(self._unload(loaded))
+            # Through _expire, which looks again: a request may attach before the task runs.
+            asyncio.get_running_loop().create_task(self._expire(loaded))
         else:
             self._start_timer(loaded)
         asyncio.get_running_loop().create_task(self._notify())

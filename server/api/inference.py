@@ -143,7 +143,7 @@ async def generate(request: Request) -> Response:
         think=body.think,
         outputs=body.outputs(),
     )
-    return await respond(Generation(context.inference).generate(job), body.stream is not False, "response")
+    return await respond(Generation(context.inference).generate(job), body.stream is not False, "response", request)
 
 
 def _chat_message(body: MessageBody) -> prompts.ChatMessage:
@@ -175,7 +175,7 @@ async def chat(request: Request) -> Response:
         template=body.template,
         outputs=body.outputs(),
     )
-    return await respond(Generation(context.inference).chat(job), body.stream is not False, "message")
+    return await respond(Generation(context.inference).chat(job), body.stream is not False, "message", request)
 
 
 def _inputs(value: Any) -> list[str]:

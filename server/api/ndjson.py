@@ -9,30 +9,36 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from fastapi import Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from registry.errors import BerthError
+from server.api.disconnect import ClientGone, unless_disconnected
 
 log = logging.getLogger("berth.api")
 
 
-async def respond(chunks: AsyncIterator[dict[str, Any]], stream: bool, merge_key: str | None = None) -> Response:
+async def respond(chunks: AsyncIterator[dict[str, Any]], stream: bool, merge_key: str | None = None,
+                  request: Request | None = None) -> Response:
     """Stream NDJSON; or, for `stream: false`, answer once: with the text of `merge_key`
-    concatenated over all chunks (generate, chat), or with the last chunk (pull, push, create)."""
+    concatenated over all chunks (generate, chat), or with the last chunk (pull, push, create).
+    With `request`, a client that leaves while the first chunk is awaited (a wait for a slot, say),
+    or before a `stream: false` answer is complete, stops the work; once streaming, the transport
+    notices."""
     try:
-        first = await anext(chunks)
+        first = await unless_disconnected(request, anext(chunks))
+        if not stream:
+            async with aclosing(chunks):
+                work = _last(first, chunks) if merge_key is None else _collect(first, chunks, merge_key)
+                return JSONResponse(await unless_disconnected(request, work))
     except StopAsyncIteration:
         return JSONResponse({"error": "the operation ended without any output"}, status_code=500)
-    if not stream:
-        if merge_key is None:
-            last = first
-            async for last in chunks:
-                pass
-            return JSONResponse(last)
-        return JSONResponse(await _collect(first, chunks, merge_key))
+    except ClientGone:
+        await chunks.aclose()
+        return Response(status_code=499)  # nobody is listening; the status is for the logs
 
     async def lines() -> AsyncIterator[bytes]:
         yield _line(first)
@@ -52,6 +58,13 @@ async def respond(chunks: AsyncIterator[dict[str, Any]], stream: bool, merge_key
 
 def _line(chunk: dict[str, Any]) -> bytes:
     return (json.dumps(chunk, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+async def _last(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    last = first
+    async for last in chunks:
+        pass
+    return last
 
 
 async def _collect(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], merge_key: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from registry.errors import BerthError, InvalidInput, ModelNotFound
 from server import openai_shapes as shapes
 from server.api.body import parse_json
+from server.api.disconnect import ClientGone, unless_disconnected
 from server.api.errors import status_for
 from server.context import AppContext
 from server.inference import Generation, normalize
@@ -75,19 +76,30 @@ async def _translated(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any
         yield event
 
 
-async def _answer(chunks: AsyncIterator[dict[str, Any]],
-                  translator: shapes.Translator, stream: bool) -> Response:
+async def _drain(events: AsyncIterator[dict[str, Any]]) -> None:
+    async for _ in events:
+        pass
+
+
+async def _answer(chunks: AsyncIterator[dict[str, Any]], translator: shapes.Translator, stream: bool,
+                  request: Request | None = None) -> Response:
     """Server-sent events ending in `[DONE]`, or one object. As natively, the first chunk is
-    awaited before answering, so a bad model or option still gets its proper status."""
+    awaited before answering, so a bad model or option still gets its proper status; a client
+    that leaves before its one object is ready stops the work."""
     try:
-        first = await anext(chunks)
+        first = await unless_disconnected(request, anext(chunks))
     except StopAsyncIteration:
         raise BerthError("no response from the model") from None
+    except ClientGone:
+        await chunks.aclose()
+        return Response(status_code=499)  # nobody is listening; the status is for the logs
     events = _translated(first, chunks, translator)
     if not stream:
         async with aclosing(chunks), aclosing(events):
-            async for _ in events:
-                pass
+            try:
+                await unless_disconnected(request, _drain(events))
+            except ClientGone:
+                return Response(status_code=499)
         return JSONResponse(translator.response())
 
     async def body() -> AsyncIterator[bytes]:
@@ -107,7 +119,7 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_json(request, shapes.ChatCompletionRequest)
     job = shapes.chat_input(body)
     chunks = Generation(_context(request).inference).chat(job)
-    return await _answer(chunks, shapes.ChatTranslator(body.include_usage), bool(body.stream))
+    return await _answer(chunks, shapes.ChatTranslator(body.include_usage), bool(body.stream), request)
 
 
 @router.post("/v1/completions")
@@ -115,7 +127,7 @@ async def completions(request: Request) -> Response:
     body = await parse_json(request, shapes.CompletionRequest)
     job = shapes.generate_input(body)
     chunks = Generation(_context(request).inference).generate(job)
-    return await _answer(chunks, shapes.CompletionTranslator(body.include_usage), bool(body.stream))
+    return await _answer(chunks, shapes.CompletionTranslator(body.include_usage), bool(body.stream), request)
 
 
 @router.post("/v1/embeddings")

@@ -116,7 +116,7 @@ async def _run(work: Work, stream: bool, request: Request, direction: str) -> Re
         return result
 
     try:
-        return await respond(_events(counted), stream)
+        return await respond(_events(counted), stream, request=request)
     except BerthError as exc:
         return JSONResponse({"error": exc.message}, status_code=_error_status(exc))
 

@@ -104,3 +104,96 @@ def test_tool_calls_are_parsed_from_the_output(server: BerthServer) -> None:
         {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
     again = client.chat(model="tooly:1", messages=follow, options={"temperature": 0, "num_predict": 4})
     assert again.done
+
+
+def test_a_load_waiting_for_room_gets_it_when_the_busy_model_leaves(one_slot_server: BerthServer) -> None:
+    """One model at a time: B waits for A's room while A answers a request with keep_alive 0. A then
+    leaves by itself (it is never seen idle), and B must still be loaded: the wait used to look only
+    for an idle model, found none, and held the load lock for ever."""
+    import threading
+
+    add_variant(one_slot_server.models_dir, "other:1", system="You are terse.")
+    with httpx.Client(base_url=one_slot_server.url, timeout=120) as http:
+        answers: list[httpx.Response] = []
+        first = threading.Thread(target=lambda: answers.append(http.post("/api/generate", json={
+            "model": MODEL, "prompt": "1, 2, 3,", "raw": True, "keep_alive": 0, "stream": False,
+            "options": {"num_predict": 48, "temperature": 0}})))
+        first.start()
+        assert wait_for(lambda: MODEL in loaded(http))  # A is loaded and answering
+        second = http.post("/api/generate", json={"model": "other:1", "prompt": "hi", "options": {"num_predict": 2}},
+                           timeout=90)
+        first.join(120)
+        assert answers and answers[0].status_code == 200
+        assert second.status_code == 200, second.text
+        assert list(loaded(http)) == ["other:1"]
+
+
+def test_a_client_that_leaves_a_non_streaming_answer_frees_its_slot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """stream: false is collected inside the server; a client that times out and goes away must
+    stop its generation, or the one slot stays busy until num_predict (~100000 tokens here) is
+    reached and every later request waits behind it. Probes that give up leave the queue too."""
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", {"BERTH_NUM_PARALLEL": "1"})
+    short = {"model": MODEL, "prompt": "hi", "options": {"num_predict": 1}}
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as http:
+            assert http.post("/api/generate", json=short).status_code == 200  # loaded
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/api/generate", timeout=3, json={
+                    "model": MODEL, "prompt": "1, 2, 3,", "raw": True, "stream": False,
+                    "options": {"num_predict": 100_000}})
+
+            def answered() -> bool:
+                try:
+                    return http.post("/api/generate", json=short, timeout=5).status_code == 200
+                except httpx.ReadTimeout:
+                    return False  # still behind the abandoned generation
+
+            assert wait_for(answered, timeout=60)
+    finally:
+        srv.stop()
+
+
+class FakeRunner:
+    """FAKE runner process (no model): what is tested is the scheduler's interleaving, which a
+    real runner behind HTTP cannot be made to hit at an exact point."""
+
+    def __init__(self, spec: object, label: str) -> None:
+        self.alive, self.stopped, self.pid = True, False, 1
+        self.info = {"slots": 1}
+
+    def start(self, timeout: float) -> None:
+        pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.alive, self.stopped = False, True
+
+
+def test_a_request_that_attaches_before_a_scheduled_unload_keeps_its_runner(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep_alive 0: the last request's release schedules an unload. A request that attaches to
+    the runner before that runs must keep it, not see it stopped under it."""
+    import asyncio
+
+    import server.scheduler as scheduling
+    from registry.digest import Digest
+    from registry.names import ModelName
+    from server.runner import LoadSpec
+
+    monkeypatch.setattr(scheduling, "RunnerProcess", FakeRunner)
+    ref = scheduling.ModelRef(name=ModelName.parse("m:1"), digest=Digest.of_bytes(b"m"),
+                              spec=LoadSpec(model_path="/nowhere"), details={}, size=1)
+
+    async def scenario() -> tuple[bool, bool]:
+        scheduler = scheduling.Scheduler(max_loaded=1, num_parallel=1, max_queue=4, default_keep_alive=300,
+                                         load_timeout=10)
+        first = await scheduler.acquire(ref, keep_alive=0)
+        runner = first.runner
+        first.release()  # the unload is scheduled, not run yet
+        second = await scheduler.acquire(ref, keep_alive=None)  # attaches at once, before it runs
+        await asyncio.sleep(0.05)
+        kept = not runner.stopped and scheduler.is_loaded(ref.digest) and second.runner is runner
+        second.release()
+        await asyncio.sleep(0.05)
+        return kept, runner.stopped  # and once that request is done, keep_alive 0 unloads it
+
+    assert asyncio.run(scenario()) == (True, True)
