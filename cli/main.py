@@ -352,11 +352,11 @@ def push(
 
 
 @app.command("key")
-def key() -> None:
+def key(pem: bool = typer.Option(False, "--pem", help="Print it as a PEM public key (for openssl).")) -> None:
     """Print your public key (created on first use), for a registry account or a trust policy."""
     from cli import transfer
 
-    _run(lambda: typer.echo(transfer.public_key()))
+    _run(lambda: typer.echo(transfer.public_key(pem)))
 
 
 @app.command()

@@ -103,15 +103,16 @@ def push(model: str, insecure: bool = False, oci: bool = False, sign: bool | Non
     _show("/api/push", body, "push")
 
 
-def public_key() -> str:
+def public_key(pem: bool = False) -> str:
     """`berth key`: the user's public key line (created on first use), to register with a registry
-    or put in someone's trust policy."""
+    or put in someone's trust policy; with `pem`, as a PEM public key, which openssl reads."""
     from registry.credentials import berth_home
     from registry.errors import BerthError
     from registry.user_key import load_or_create_key
 
     try:
-        return load_or_create_key(berth_home()).public_line()
+        key = load_or_create_key(berth_home())
+        return key.public_pem().rstrip("\n") if pem else key.public_line()
     except BerthError as exc:
         raise ClientError(str(exc)) from None
 
@@ -121,8 +122,9 @@ def verify(model: str, insecure: bool = False, keys: list[str] | None = None, re
     registry plus `keys` (`ssh-ed25519 …` lines or PEM files); raises unless one verifies.
 
     A model the server has is checked as stored: the signatures its registry holds must sign the
-    local manifest's digest (so a local copy that differs from what was signed fails). Otherwise,
-    or with `remote`, the manifest the registry serves for the tag is checked."""
+    local manifest's digest, or (for a Docker v2 manifest) the OCI manifest `push --oci` makes of
+    it, which has the same config and layers; so a local copy that differs from what was signed
+    fails. Otherwise, or with `remote`, the manifest the registry serves for the tag is checked."""
     from pathlib import Path
 
     from registry.credentials import CredentialStore
@@ -143,17 +145,44 @@ def verify(model: str, insecure: bool = False, keys: list[str] | None = None, re
         trusted = [*rule.keys, *extra]
         if not trusted:
             raise ClientError(f"no trusted keys for {repo.host}/{repo.path}: pass --key or set BERTH_TRUST_POLICY")
-        local = None if remote else _local_digest(name)
+        local = [] if remote else _local_digests(name)
         with RegistryClient(CredentialStore(), network=NetworkSettings.from_env()) as client:
-            digest = Digest.parse(f"sha256:{local}") if local else fetch_manifest(client, repo, name.tag).digest
-            check = Signatures(client).check(repo, digest, trusted)
+            for digest in local or [fetch_manifest(client, repo, name.tag).digest]:
+                check = Signatures(client).check(repo, digest, trusted)
+                if check.verified:
+                    break
     except BerthError as exc:
         raise ClientError(f"verify {model}: {exc}") from None
+    digest = local[0] if local and not check.verified else digest
     what = f"{model} (local copy, {digest})" if local else f"{model} ({digest} in {repo.host})"
     if not check.verified:
         found = f"{check.found} signature(s), none by a trusted key" if check.found else "no signature"
         raise ClientError(f"{what} is NOT verified: {found}")
     return f"{what} verified: signed by " + ", ".join(check.trusted_by)
+
+
+def _local_digests(name: "ModelName") -> list["Digest"]:
+    """The digests the server's copy of `name` may be signed under: its manifest's and, for a Docker
+    v2 manifest, the digest of the OCI manifest `berth push --oci` sends for it. Empty when the
+    server has no such model (or none is running)."""
+    from registry.digest import Digest
+    from registry.errors import BerthError
+    from registry.manifest import DOCKER_MANIFEST, Manifest
+    from registry.push import oci_manifest
+
+    found = _local_digest(name)
+    if found is None:
+        return []
+    digests = [Digest.parse(f"sha256:{found}")]
+    try:
+        # The server's own registry API serves the stored manifest bytes by digest.
+        raw = Client(timeout=10).request("GET", f"/v2/{name.namespace}/{name.model}/manifests/{digests[0]}").content
+        manifest = Manifest.parse(raw)
+    except (ClientError, BerthError):
+        return digests
+    if manifest.media_type == DOCKER_MANIFEST and manifest.digest == digests[0]:
+        digests.append(Digest.of_bytes(oci_manifest(manifest)))
+    return digests
 
 
 def _local_digest(name: "ModelName") -> str | None:

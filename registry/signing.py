@@ -25,7 +25,12 @@ Verifying by hand with openssl (3.0+), given the envelope in `sig.json`:
     openssl pkeyutl -verify -pubin -inkey signer.pem -rawin -in payload.json -sigfile payload.sig
     jq -r '.critical.image."docker-manifest-digest"' payload.json   # must be the manifest's digest
 
-(`ssh-keygen -e -m PKCS8 -f id_ed25519.pub` turns a `.pub` line into that PEM.)
+`berth key --pem` prints a signer's key in that form. For an `ssh-ed25519 …` line from elsewhere
+(older ssh-keygen cannot export ed25519 keys as PEM), Python's `cryptography` converts it:
+
+    python3 -c 'import sys; from cryptography.hazmat.primitives import serialization as s;
+    print(s.load_ssh_public_key(sys.stdin.buffer.read()).public_bytes(s.Encoding.PEM,
+    s.PublicFormat.SubjectPublicKeyInfo).decode(), end="")' < id_ed25519.pub > signer.pem
 """
 
 from __future__ import annotations

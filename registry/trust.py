@@ -91,15 +91,24 @@ class TrustPolicy:
             mode = _mode(item.get("mode", "enforce"))
             if mode is TrustMode.ENFORCE and not keys:
                 raise InvalidInput(f"trust policy rule for {item['scope']!r} enforces signatures but trusts no key")
-            rules.append(TrustRule(item["scope"].strip().lower(), mode, tuple(parse_public_key(k) for k in keys)))
+            rules.append(TrustRule(_canonical(item["scope"].strip()), mode, tuple(parse_public_key(k) for k in keys)))
         return cls(_mode(doc.get("default", "off")), tuple(rules))
 
     def rule_for(self, host: str, repository: str) -> TrustRule:
-        target = f"{host}/{repository}".lower()
+        target = _canonical(f"{host}/{repository}")
         matching = [rule for rule in self.rules if rule.covers(target)]
         if not matching:
             return TrustRule("", self.default)
         return max(matching, key=lambda rule: len(rule.scope))
+
+
+def _canonical(scope: str) -> str:
+    """`host[/path]` as one registry is named however it was written: lower case, without a
+    trailing dot or `:443` (https's own port), so `reg.io:443/team` cannot slip past a rule for
+    `reg.io`."""
+    host, slash, rest = scope.lower().partition("/")
+    host = host.removesuffix(":443").rstrip(".")
+    return host + slash + rest
 
 
 def _mode(value: object) -> TrustMode:

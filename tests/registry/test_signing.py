@@ -29,7 +29,7 @@ from registry.oci import RegistryClient, RegistryUnauthorized, Repository, Retry
 from registry.ollama_auth import EMPTY_BODY_DIGEST, OllamaKeySigner
 from registry.pull import Puller
 from registry.push import Pusher
-from registry.signing import SIGNATURE_TYPE, Signatures, key_id, payload_for, signature_tag
+from registry.signing import SIGNATURE_TYPE, Signatures, key_id, parse_public_key, payload_for, signature_tag
 from registry.trust import TrustMode, TrustPolicy, UntrustedModel
 from registry.user_key import UserKey, load_or_create_key
 from tests.fake_http import LoopbackServer, QuietHandler
@@ -287,6 +287,10 @@ def test_trust_policy_scopes_and_sources(tmp_path: Path) -> None:
         assert policy.rule_for("reg.example", "team/model").mode is TrustMode.ENFORCE
         assert policy.rule_for("reg.example", "team/open/x").mode is TrustMode.OFF
         assert policy.rule_for("reg.example", "teamx/model").mode is TrustMode.WARN
+        # The same registry written otherwise is the same registry; another port is another one.
+        for host in ("reg.example:443", "REG.example.", "reg.example.:443"):
+            assert policy.rule_for(host, "team/model").mode is TrustMode.ENFORCE
+        assert policy.rule_for("reg.example:5000", "team/model").mode is TrustMode.WARN
     assert TrustPolicy.from_env({}).rule_for("any", "thing").mode is TrustMode.OFF
     with pytest.raises(InvalidInput, match="trusts no key"):
         TrustPolicy.parse({"rules": [{"scope": "r/x", "mode": "enforce"}]})
@@ -303,6 +307,8 @@ def test_berth_verify_and_berth_key(registry: LocalRegistry, library: Library, t
     monkeypatch.delenv("BERTH_TRUST_POLICY", raising=False)
     key = load_or_create_key(tmp_path / "home")
     assert transfer.public_key() == key.public_line()
+    pem = transfer.public_key(pem=True)
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----") and parse_public_key(pem) == key.public
     signed, digest = _push(library, registry, tmp_path, "v", key)
     unsigned, _ = _push(library, registry, tmp_path, "u", None)
     assert str(digest) in transfer.verify(str(signed), insecure=True, keys=[key.public_line()])

@@ -197,7 +197,7 @@ def test_signing_key_setting_signs_every_push_and_verify_checks_the_local_copy( 
                                                 serialization.NoEncryption()))
     team_public = team_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH).decode()
-    models = _store_models(tmp_path / "models", [f"{registry.host}/team/m:{tag}" for tag in ("a", "b")])
+    models = _store_models(tmp_path / "models", [f"{registry.host}/team/m:{tag}" for tag in ("a", "b", "c")])
     env = {"BERTH_HOME": str(tmp_path / "home"), "BERTH_NO_DEFAULT_MODEL": "1", "BERTH_SIGNING_KEY": str(key_file)}
     server = start_server(models, tmp_path / "server.log", extra_env=env)
     try:
@@ -216,6 +216,12 @@ def test_signing_key_setting_signs_every_push_and_verify_checks_the_local_copy( 
         assert ok.returncode == 0 and "local copy" in ok.stdout and "verified" in ok.stdout, ok.stderr
         refused = berth("verify", f"{registry.host}/team/m:b", "--insecure", "--key", team_public)
         assert refused.returncode == 1 and "NOT verified: no signature" in refused.stderr
+        # Pushed as an OCI manifest (another digest than the local Docker v2 one, same config and
+        # layers), which is what was signed: the local copy still verifies.
+        oci = berth("push", f"{registry.host}/team/m:c", "--insecure", "--oci")
+        assert oci.returncode == 0 and "pushing signature" in oci.stdout, oci.stderr
+        ok = berth("verify", f"{registry.host}/team/m:c", "--insecure", "--key", team_public)
+        assert ok.returncode == 0 and "local copy" in ok.stdout and "verified" in ok.stdout, ok.stderr
 
         # The local copy of :a changes (another model under the same name): the registry's signature
         # is for the pushed manifest, not this one; --remote still checks the registry's.
