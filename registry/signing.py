@@ -15,7 +15,12 @@ Format (version 1), meant to be checkable without Berth:
   the OCI empty config (`{}`), the envelope as its one layer and `subject` = the signed manifest's
   descriptor, pushed by digest. A registry with the OCI 1.1 referrers API lists it under
   `GET /v2/<repo>/referrers/<digest>`; for registries without it (it answers the push without an
-  `OCI-Subject` header) the same manifest is also tagged `sha256-<hex>.sig`, as cosign does.
+  `OCI-Subject` header) the signatures are also tagged `sha256-<hex>.sig`, as cosign does: one
+  manifest with every Berth envelope for that digest as its layers (a second signer adds to it).
+* **What it vouches for**: the content, by digest, not the name it is pulled under. A registry
+  that answers a tag with another manifest the same key signed (another model, or an older version
+  of this one) passes the check, so a trust scope's keys should be ones that sign only what may be
+  pulled under that scope.
 
 Verifying by hand with openssl (3.0+), given the envelope in `sig.json`:
 
@@ -164,11 +169,35 @@ class Signatures:
                                        content=manifest, ok=(200, 201, 202))
         response.close()
         if response.headers.get("oci-subject") != str(subject):
-            # No referrers API here: the tag schema is how verifiers will find it.
+            # No referrers API here: the tag schema is how verifiers will find it, with the
+            # signatures it already holds (another signer's push of the same model) kept.
+            tagged = self._with_tagged(repo, subject, json.loads(manifest))
             response = self.client.request("PUT", repo.manifest_url(signature_tag(subject)), repo, scope,
-                                           headers=headers, content=manifest, ok=(200, 201, 202))
+                                           headers=headers, content=tagged, ok=(200, 201, 202))
             response.close()
         return digest
+
+    def _with_tagged(self, repo: Repository, subject: Digest, doc: dict[str, Any]) -> bytes:
+        """The signature manifest `doc` with the envelopes the `sha256-<hex>.sig` tag already holds
+        (the newest MAX_SIGNATURES); another tool's signatures there are refused, not overwritten."""
+        tag = signature_tag(subject)
+        raw = self._small(repo, repo.manifest_url(tag), OCI_MANIFEST)
+        layers: list[Any] = []
+        if raw is not None:
+            try:
+                held = json.loads(raw)
+                ours = (held.get("artifactType") == SIGNATURE_TYPE
+                        and held.get("subject", {}).get("digest") == str(subject))
+                layers = [layer for layer in held.get("layers", []) if layer.get("mediaType") == SIGNATURE_TYPE]
+            except (ValueError, AttributeError):
+                ours = False
+            if not ours:
+                raise SignatureError(f"{repo.host} has no referrers API, and its tag {tag} holds signatures of "
+                                     "another kind (cosign's?); Berth will not overwrite them. Push the "
+                                     "model to a registry with the OCI referrers API to sign it there")
+        new = doc["layers"][0]
+        layers = [layer for layer in layers if layer.get("digest") != new["digest"]] + [new]
+        return json.dumps({**doc, "layers": layers[-MAX_SIGNATURES:]}, separators=(",", ":")).encode()
 
     def envelopes(self, repo: Repository, subject: Digest) -> list[bytes]:
         """Every signature envelope the registry holds for `subject` (referrers API, else the tag)."""

@@ -451,3 +451,40 @@ def test_signatures_go_through_the_referrers_api_where_a_registry_has_it(library
             third.close()
     finally:
         fake.close()
+
+
+def test_a_second_signer_of_the_same_model_keeps_the_first_signature(registry: LocalRegistry, library: Library,
+                                                                     tmp_path: Path) -> None:
+    """Without the referrers API every signature of a digest lives under one tag: a second signed
+    push of the same model adds its envelope there instead of replacing the first signer's."""
+    first, second = load_or_create_key(tmp_path / "a"), load_or_create_key(tmp_path / "b")
+    name, digest = _push(library, registry, tmp_path, "shared", first)
+    with _plain_client(tmp_path) as client:
+        Pusher(library, client).push(name, lambda e: None, insecure=True, sign=second)
+        repo = Repository.of(name, insecure=True)
+        assert Signatures(client).check(repo, digest, [first.public]).verified
+        assert Signatures(client).check(repo, digest, [second.public]).verified
+        Pusher(library, client).push(name, lambda e: None, insecure=True, sign=second)  # again: no duplicate
+        assert len(Signatures(client).envelopes(repo, digest)) == 2
+
+
+def test_another_tools_signatures_under_the_tag_are_not_overwritten(registry: LocalRegistry, library: Library,
+                                                                    tmp_path: Path) -> None:
+    from registry.push import upload_bytes
+    from registry.signing import EMPTY_CONFIG, SignatureError
+
+    key = load_or_create_key(tmp_path / "home")
+    name, digest = _push(library, registry, tmp_path, "cosigned", None)
+    repo = Repository.of(name, insecure=True)
+    with _plain_client(tmp_path) as client:
+        config = upload_bytes(client, repo, EMPTY_CONFIG)
+        foreign = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                              "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": str(config),
+                                         "size": 2}, "layers": []}).encode()
+        client.request("PUT", repo.manifest_url(signature_tag(digest)), repo, repo.scope("pull", "push"),
+                       headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, content=foreign,
+                       ok=(201,)).close()
+        with pytest.raises(SignatureError, match="will not overwrite"):
+            Pusher(library, client).push(name, lambda e: None, insecure=True, sign=key)
+        assert Signatures(client)._small(repo, repo.manifest_url(signature_tag(digest)),  # noqa: SLF001
+                                         "application/vnd.oci.image.manifest.v1+json") == foreign
