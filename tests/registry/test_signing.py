@@ -203,6 +203,15 @@ def _policy(registry: LocalRegistry, mode: str, *keys: UserKey) -> TrustPolicy:
         {"scope": f"{registry.host}/team", "mode": mode, "keys": [k.public_line() for k in keys]}]})})
 
 
+def _signature_tag_manifest(client: RegistryClient, repo: Repository, digest: Digest) -> bytes:
+    tagged = client.request("GET", repo.manifest_url(signature_tag(digest)), repo, repo.scope("pull"),
+                            headers={"Accept": OCI_MANIFEST})
+    try:
+        return tagged.read()
+    finally:
+        tagged.close()
+
+
 def test_signature_is_stored_with_the_tag_fallback_and_verifies(registry: LocalRegistry, library: Library,
                                                                  tmp_path: Path) -> None:
     key = load_or_create_key(tmp_path / "home")
@@ -210,10 +219,7 @@ def test_signature_is_stored_with_the_tag_fallback_and_verifies(registry: LocalR
     repo = Repository.of(name, insecure=True)
     with _plain_client(tmp_path) as client:
         # docker-registry 2.8 has no referrers API: the push fell back to the cosign-style tag.
-        tagged = client.request("GET", repo.manifest_url(signature_tag(digest)), repo, repo.scope("pull"),
-                                headers={"Accept": OCI_MANIFEST})
-        doc = json.loads(tagged.read())
-        tagged.close()
+        doc = json.loads(_signature_tag_manifest(client, repo, digest))
         assert doc["artifactType"] == SIGNATURE_TYPE and doc["subject"]["digest"] == str(digest)
         check = Signatures(client).check(repo, digest, [key.public])
         assert check.verified and check.trusted_by == (key_id(key.public),)
@@ -473,18 +479,14 @@ def test_another_tools_signatures_under_the_tag_are_not_overwritten(registry: Lo
     from registry.push import upload_bytes
     from registry.signing import EMPTY_CONFIG, SignatureError
 
-    key = load_or_create_key(tmp_path / "home")
     name, digest = _push(library, registry, tmp_path, "cosigned", None)
     repo = Repository.of(name, insecure=True)
     with _plain_client(tmp_path) as client:
         config = upload_bytes(client, repo, EMPTY_CONFIG)
-        foreign = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                              "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": str(config),
-                                         "size": 2}, "layers": []}).encode()
+        foreign = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [], "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json", "digest": str(config), "size": 2}}).encode()
         client.request("PUT", repo.manifest_url(signature_tag(digest)), repo, repo.scope("pull", "push"),
-                       headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, content=foreign,
-                       ok=(201,)).close()
+                       headers={"Content-Type": OCI_MANIFEST}, content=foreign, ok=(201,)).close()
         with pytest.raises(SignatureError, match="will not overwrite"):
-            Pusher(library, client).push(name, lambda e: None, insecure=True, sign=key)
-        assert Signatures(client)._small(repo, repo.manifest_url(signature_tag(digest)),  # noqa: SLF001
-                                         "application/vnd.oci.image.manifest.v1+json") == foreign
+            Pusher(library, client).push(name, lambda e: None, insecure=True, sign=load_or_create_key(tmp_path / "k"))
+        assert _signature_tag_manifest(client, repo, digest) == foreign

@@ -213,25 +213,36 @@ def test_the_deterministic_configuration_answers_alone_as_among_others(invariant
         assert len(driver.outcomes[busy].generated) == 60
 
 
+def _two_users(llm: Any) -> tuple[list[int], list[int]]:
+    """Two users' prompts that share a long system prompt."""
+    system = "You are a helpful assistant who answers briefly and precisely. " * 6
+    return (tokens_of(llm, system + "Question: what is the capital of France?"),
+            tokens_of(llm, system + "Question: name three primary colors."))
+
+
+def _join_while_running(engine: BatchEngine, running: list[int], joining: list[int],
+                        num_predict: int) -> tuple[Driver, int, int]:
+    """`running` starts from a cold cache and decodes a little; then `joining` arrives."""
+    engine.forget_prefixes()
+    driver = Driver(engine)
+    first = driver.submit(running, {"temperature": 0, "num_predict": num_predict})
+    for _ in range(3):
+        engine.step()
+    return driver, first, driver.submit(joining, GREEDY)
+
+
 def test_a_prompt_that_starts_like_another_sequence_shares_its_cells(engine: BatchEngine, llm: Any) -> None:
     """A shared system prompt is evaluated once: a request that starts like a running one takes
     that sequence's cells for the common part and evaluates only the rest. (Its answer agrees with
     the one it gives alone up to the batch rounding of the default configuration: first-token
     logits measured 1.0 apart, as far as in a batch of the same two without sharing, 1.1.)"""
-    system = "You are a helpful assistant who answers briefly and precisely. " * 6
-    running = tokens_of(llm, system + "Question: what is the capital of France?")
-    joining = tokens_of(llm, system + "Question: name three primary colors.")
+    running, joining = _two_users(llm)
     common = next(i for i, (a, b) in enumerate(zip(running, joining)) if a != b)
     assert common > 60
     engine.forget_prefixes()
     alone = run_alone(engine, joining, GREEDY)
     assert alone.stats is not None and alone.stats["prompt_eval_count"] == len(joining)
-    engine.forget_prefixes()
-    driver = Driver(engine)
-    first = driver.submit(running, {"temperature": 0, "num_predict": 60})
-    for _ in range(3):
-        engine.step()
-    second = driver.submit(joining, GREEDY)
+    driver, first, second = _join_while_running(engine, running, joining, num_predict=60)
     engine.step()
     assert_kv_matches_slots(engine)  # both sequences hold the common cells
     engine.cancel(first)  # the first ends; the cells it shared stay with the second
@@ -251,15 +262,8 @@ def test_a_model_with_a_recurrent_state_shares_no_prefixes(engine: BatchEngine, 
     false for Gemma 3): a request that starts like a running one then evaluates its whole prompt."""
     assert engine._shares_cells  # noqa: SLF001 - Gemma 3 is a transformer
     monkeypatch.setattr(engine, "_shares_cells", False)
-    system = "You are a helpful assistant who answers briefly and precisely. " * 6
-    running = tokens_of(llm, system + "Question: what is the capital of France?")
-    joining = tokens_of(llm, system + "Question: name three primary colors.")
-    engine.forget_prefixes()
-    driver = Driver(engine)
-    first = driver.submit(running, {"temperature": 0, "num_predict": 40})
-    for _ in range(3):
-        engine.step()
-    second = driver.submit(joining, GREEDY)
+    running, joining = _two_users(llm)
+    driver, first, second = _join_while_running(engine, running, joining, num_predict=40)
     driver.run()
     stats = driver.outcomes[second].stats
     assert stats is not None and stats["prompt_eval_count"] == len(joining)
