@@ -153,8 +153,11 @@ def verify(model: str, insecure: bool = False, keys: list[str] | None = None, re
                     break
     except BerthError as exc:
         raise ClientError(f"verify {model}: {exc}") from None
-    digest = local[0] if local and not check.verified else digest
-    what = f"{model} (local copy, {digest})" if local else f"{model} ({digest} in {repo.host})"
+    if local:
+        as_pushed = f", pushed as the OCI manifest {digest}" if check.verified and digest != local[0] else ""
+        what = f"{model} (local copy, {local[0]}{as_pushed})"
+    else:
+        what = f"{model} ({digest} in {repo.host})"
     if not check.verified:
         found = f"{check.found} signature(s), none by a trusted key" if check.found else "no signature"
         raise ClientError(f"{what} is NOT verified: {found}")
