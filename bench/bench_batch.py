@@ -377,6 +377,9 @@ def summarise_rounds(rounds: list[Round]) -> None:
           f"  llama.cpp's own prefill of {top} prompts at once vs one "
           f"{median_of(rounds, lambda r: r.ceiling[top].prefill_s / r.ceiling[1].prefill_s if r.ceiling else None)}"
           " (a floor when all arrive together)")
+    # The ceiling binary is its own build of llama.cpp; llama-cpp-python bundles another.
+    print(f"raw llama-cpp-python / ceiling at N=1 (the two builds of llama.cpp, one request): "
+          f"{median_of(rounds, lambda r: r.raw[1].tokens_per_s / r.ceiling[1].end_to_end if 1 in r.ceiling else None)}")
     print("targets: berth/raw at N=1 >= 0.97; ceiling ratios at N=4 and N=8 >= 0.90; time to first token "
           f"growth at N={top} <= 4")
 
