@@ -31,6 +31,9 @@ async def unless_disconnected(request: Request | None, work: Awaitable[T]) -> T:
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()  # the route itself is being cancelled (a server shutting down): so is its work
+        raise
     finally:
         gone.cancel()
     if not task.done():
