@@ -133,13 +133,17 @@ class Repository:
         return cls(name.host.lower(), name.repository, insecure or name.scheme == "http")
 
     @property
+    def root(self) -> str:
+        return f"{'http' if self.insecure else 'https'}://{self.host}/"
+
+    @property
     def origin(self) -> str:
         """scheme://host:port of the registry: the only place its credentials and tokens go."""
-        return _origin(f"{'http' if self.insecure else 'https'}://{self.host}/")
+        return _origin(self.root)
 
     @property
     def base(self) -> str:
-        return f"{'http' if self.insecure else 'https'}://{self.host}/v2/{self.path}"
+        return f"{self.root}v2/{self.path}"
 
     def manifest_url(self, reference: str) -> str:
         return f"{self.base}/manifests/{reference}"
@@ -153,7 +157,7 @@ class Repository:
     def absolute(self, location: str) -> str:
         """Resolve a `Location` the registry gave (often relative) against the registry. It may
         name another host (which then gets no credentials), but not plain http from https."""
-        url = urljoin(f"{'http' if self.insecure else 'https'}://{self.host}/", location)
+        url = urljoin(self.root, location)
         scheme = urlsplit(url).scheme
         if scheme not in ("http", "https") or (scheme == "http" and not self.insecure):
             raise RegistryRefused(f"{self.host} named {_redact(url)} to send data to; only https is followed "

@@ -142,9 +142,9 @@ class BlobFetch:
     Per chunk, state moves forward only: bytes *landed* (written to the page cache, shown as
     progress and followed by the hasher), bytes *durable* (covered by an fdatasync; the only figure
     the catalog records, so a resume never trusts bytes a crash could have lost) and, once the
-    hashed front has passed its end, the chunk's check. Stream threads claim runs of consecutive chunks (one request each), the
-    hashing thread follows the bytes in order, and a checkpoint thread makes them durable in the
-    background, so no stream ever waits on the disk.
+    hashed front has passed its end, the chunk's check. Stream threads claim runs of consecutive
+    chunks (one request each), the hashing thread follows the bytes in order, and a checkpoint
+    thread makes them durable in the background, so no stream ever waits on the disk.
     """
 
     def __init__(self, client: RegistryClient, repo: Repository, desc: Descriptor, store: BlobStore,
@@ -351,10 +351,7 @@ class BlobFetch:
                 self.journal.start(self.desc.digest, fresh.size, fresh.chunk_size)
             while True:
                 with self._cond:
-                    # Once the last byte has landed, what is left is synced at once: the disk works
-                    # while the hasher finishes, and the final fsync finds little to do.
-                    while (self._unsynced < CHECKPOINT_BYTES and not (self._unsynced and not self._unlanded)
-                           and not self._stopping):
+                    while not self._sync_due() and not self._stopping:
                         self._cond.wait()
                     if self._stopping:
                         return
@@ -365,6 +362,12 @@ class BlobFetch:
                 if self._failure is None:
                     self._failure = BerthError(f"saving the download of {self.desc.digest} failed: {exc}")
                 self._cond.notify_all()
+
+    def _sync_due(self) -> bool:
+        """Under _cond: a checkpoint is due, every CHECKPOINT_BYTES landed, and at once when the
+        last byte has landed (the disk works while the hasher finishes, and the final fsync finds
+        little to do)."""
+        return self._unsynced >= CHECKPOINT_BYTES or (self._unsynced > 0 and not self._unlanded)
 
     def _stop_checkpoints(self, checkpointer: threading.Thread) -> None:
         with self._cond:
@@ -517,28 +520,27 @@ class BlobFetch:
                 self._streams -= 1
 
     def _claim(self, plan: ChunkPlan) -> tuple[int, int] | None:
-        """Claim the first unfinished chunks, [first, stop): at most RUN_CHUNKS, and few enough that
-        every running stream gets a share of what is left (so all of them stay busy to the end). A
-        lone stream takes whole runs: each request is a new connection, which costs on a fast link."""
+        """Claim the first unfinished chunks, [first, stop): at most `_run_chunks`, and few enough
+        that every running stream gets a share of what is left (so all of them stay busy to the
+        end). A lone stream takes whole runs: each request is a new connection, which costs on a
+        fast link."""
         with self._cond:
             pending = [i for i in range(plan.count) if self._unclaimed(plan, i)]
             if not pending:
                 return None
             share = max(1, min(self._run_chunks(plan), -(-len(pending) // max(1, self._streams))))
-            first = stop = pending[0]
-            # A run is one range from its first chunk's first missing byte: a later chunk that is
-            # partly on disk (a resume) starts a run of its own, rather than being fetched again.
-            while (stop < plan.count and stop - first < share and self._unclaimed(plan, stop)
-                   and (stop == first or not self._landed[stop])):
-                self._claimed[stop] = True
-                stop += 1
-            return first, stop
+            first = pending[0]
+            self._claimed[first] = True
+            return first, self._claim_following(plan, first + 1, first + share)
 
-    def _claim_following(self, plan: ChunkPlan, stop: int) -> int:
-        """Claim the unclaimed chunks from `stop` on, in order (a whole-blob answer brings them
-        all); the run's new stop."""
+    def _claim_following(self, plan: ChunkPlan, stop: int, limit: int | None = None) -> int:
+        """Claim the chunks from `stop` on (up to `limit`) while each is unclaimed and has nothing on
+        disk; the run's new stop. A run is one range from its first chunk's first missing byte: a
+        later chunk partly on disk (a resume) starts a run of its own rather than being fetched
+        again. Without `limit`, as far as that goes (a whole-blob answer brings every chunk)."""
+        end = plan.count if limit is None else min(limit, plan.count)
         with self._cond:
-            while stop < plan.count and self._unclaimed(plan, stop) and not self._landed[stop]:
+            while stop < end and self._unclaimed(plan, stop) and not self._landed[stop]:
                 self._claimed[stop] = True
                 stop += 1
             return stop
@@ -649,7 +651,7 @@ class BlobFetch:
             self.fetched += count
             self._unsynced += count
             self._unlanded -= count
-            if wake or self._unsynced >= CHECKPOINT_BYTES or not self._unlanded:
+            if wake or self._sync_due():
                 self._cond.notify_all()
         for limiter in self.limiters:
             limiter.consume(count, self.cancel.is_set)

@@ -435,8 +435,8 @@ class BatchEngine:
             job.release_images()
         # Placeholders, one per position: no later prompt's tokens match them, so nothing reuses a
         # prefix that runs into an image.
-        self._assign(slot, job, sampler, cached=[-1] * positions, to_prefill=[], evaluated=positions)
-        slot.extra_cells = max(0, cells - positions)
+        self._assign(slot, job, sampler, cached=[-1] * positions, to_prefill=[], evaluated=positions,
+                     extra_cells=max(0, cells - positions))
         try:
             self._sample(slot)  # the projector's evaluation left the logits of the last position (index -1)
         except Exception as exc:  # noqa: BLE001 - the slot is this request's now: free it with the error
@@ -444,7 +444,7 @@ class BatchEngine:
 
     @staticmethod
     def _assign(slot: _Slot, job: _Job, sampler: Any, cached: list[int], to_prefill: list[int],
-                evaluated: int | None = None) -> None:
+                evaluated: int | None = None, extra_cells: int = 0) -> None:
         """Put `job` on `slot`: its KV holds `cached`, `to_prefill` is still to be decoded; the
         prompt evaluation counts `evaluated` positions (default: the tokens still to prefill)."""
         slot.job = job
@@ -460,7 +460,7 @@ class BatchEngine:
         slot.logprobs = []
         slot.started_ns = time.perf_counter_ns()
         slot.first_token_ns = slot.started_ns
-        slot.extra_cells = 0
+        slot.extra_cells = extra_cells
 
     def _reusable_prefix(self, slot: _Slot, prompt: list[int], held: Mapping[int, int]) -> int:
         """How many leading prompt tokens `slot`'s sequence holds for `prompt` (the rest of its KV

@@ -129,15 +129,14 @@ class Projector:
                     raise InputError(f"the prompt with its images is {max(encoded.positions, encoded.cells)} "
                                      f"tokens, which does not fit the context of {limit}; raise num_ctx or send "
                                      "fewer or smaller images")
-                last = int(mtmd.mtmd_input_chunks_size(chunks)) - 1
-                if last >= 0 and mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, last)) != TEXT_CHUNK:
+                parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(int(mtmd.mtmd_input_chunks_size(chunks)))]
+                if parts and mtmd.mtmd_input_chunk_get_type(parts[-1]) != TEXT_CHUNK:
                     # The first token is sampled from the last position's logits, which only a
                     # text chunk gives (models that close an image with text of their own, such as
                     # Gemma 3, never end here).
                     raise InputError("the prompt ends with an image, and this model needs text after its last "
                                      "image: add the question or instruction after it")
-                for index in range(int(mtmd.mtmd_input_chunks_size(chunks))):
-                    chunk = mtmd.mtmd_input_chunks_get(chunks, index)
+                for index, chunk in enumerate(parts):
                     if mtmd.mtmd_input_chunk_get_type(chunk) == TEXT_CHUNK:
                         continue
                     if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:

@@ -12,13 +12,18 @@ import asyncio
 import contextlib
 from typing import Awaitable, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 
 T = TypeVar("T")
 
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready; the work was cancelled."""
+
+
+def nobody_listening() -> Response:
+    """The answer to a client that left: nothing reads it; the status is for the logs."""
+    return Response(status_code=499)
 
 
 async def unless_disconnected(request: Request | None, work: Awaitable[T]) -> T:

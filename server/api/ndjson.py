@@ -16,7 +16,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from registry.errors import BerthError
-from server.api.disconnect import ClientGone, unless_disconnected
+from server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
 
 log = logging.getLogger("berth.api")
 
@@ -38,7 +38,7 @@ async def respond(chunks: AsyncIterator[dict[str, Any]], stream: bool, merge_key
         return JSONResponse({"error": "the operation ended without any output"}, status_code=500)
     except ClientGone:
         await chunks.aclose()
-        return Response(status_code=499)  # nobody is listening; the status is for the logs
+        return nobody_listening()
 
     async def lines() -> AsyncIterator[bytes]:
         yield _line(first)

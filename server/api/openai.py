@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from registry.errors import BerthError, InvalidInput, ModelNotFound
 from server import openai_shapes as shapes
 from server.api.body import parse_json
-from server.api.disconnect import ClientGone, unless_disconnected
+from server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
 from server.api.errors import status_for
 from server.context import AppContext
 from server.inference import Generation, normalize
@@ -92,14 +92,14 @@ async def _answer(chunks: AsyncIterator[dict[str, Any]], translator: shapes.Tran
         raise BerthError("no response from the model") from None
     except ClientGone:
         await chunks.aclose()
-        return Response(status_code=499)  # nobody is listening; the status is for the logs
+        return nobody_listening()
     events = _translated(first, chunks, translator)
     if not stream:
         async with aclosing(chunks), aclosing(events):
             try:
                 await unless_disconnected(request, _drain(events))
             except ClientGone:
-                return Response(status_code=499)
+                return nobody_listening()
         return JSONResponse(translator.response())
 
     async def body() -> AsyncIterator[bytes]:
