@@ -140,7 +140,8 @@ def test_a_client_that_leaves_a_non_streaming_answer_frees_its_slot(tmp_path) ->
             with pytest.raises(httpx.ReadTimeout):
                 http.post("/api/generate", timeout=3, json={
                     "model": MODEL, "prompt": "1, 2, 3,", "raw": True, "stream": False,
-                    "options": {"num_predict": 100_000}})
+                    # Greedy counting: no end-of-text within the client's 3 s (600 tokens take ~8 s).
+                    "options": {"num_predict": 100_000, "temperature": 0}})
 
             def answered() -> bool:
                 try:
