@@ -1,7 +1,8 @@
 """The scheduler: which models are loaded, for how long, and who waits for what.
 
 - A request for a loaded model with the same load-time options attaches at once.
-- Anything that needs a load waits in a bounded queue (`BERTH_MAX_QUEUE`); past that, 503.
+- Anything that waits for another request's load waits in a bounded queue (`BERTH_MAX_QUEUE`);
+  past that, 503.
 - Loads happen one at a time, in arrival order. With `BERTH_MAX_LOADED_MODELS` runners up, the
   idle one whose keep-alive ends first is unloaded; if all are busy, the load waits for one.
 - After its last request a model stays for `keep_alive` (0: unload at once; negative: forever).
@@ -125,7 +126,9 @@ class Scheduler:
         lease = self._attach(ref, keep_alive)
         if lease is not None:
             return lease
-        with self.queue_place():
+        # A place in the queue is for waiting behind another request's load; the request that
+        # loads is being served (so BERTH_MAX_QUEUE=0 means "no waiting", not "no loads").
+        with self.queue_place() if self._load_lock.locked() else contextlib.nullcontext():
             async with self._load_lock:
                 lease = self._attach(ref, keep_alive)
                 if lease is not None:

@@ -245,9 +245,21 @@ def test_a_client_that_disconnects_stops_the_generation(fresh_server: BerthServe
 
 
 def test_full_queue_answers_503(tmp_path: Path) -> None:
-    srv = start_server(tmp_path / "models", tmp_path / "server.log", {"BERTH_MAX_QUEUE": "0"})
+    """BERTH_MAX_QUEUE=0: nothing waits. The request that loads the model is served (it waits behind
+    nobody); one that would wait for the only slot gets 503 at once."""
+    srv = start_server(tmp_path / "models", tmp_path / "server.log",
+                       {"BERTH_MAX_QUEUE": "0", "BERTH_NUM_PARALLEL": "1", "BERTH_KEEP_ALIVE": "-1"})
     try:
-        response = httpx.post(srv.url + "/api/generate", json={"model": MODEL, "prompt": "hi"}, timeout=60)
+        short = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+        assert httpx.post(srv.url + "/api/generate", json=short, timeout=120).status_code == 200
+        long = {"model": MODEL, "prompt": "1, 2, 3,", "raw": True, "options": {"num_predict": 2000, "temperature": 0}}
+        with httpx.stream("POST", srv.url + "/api/generate", json=long, timeout=120) as running:
+            assert running.status_code == 200
+            # Generating, so the one slot is taken. (The iterator is kept: dropping it would close
+            # the response, and the server would end a generation nobody reads.)
+            lines = running.iter_lines()
+            assert not json.loads(next(lines))["done"]
+            response = httpx.post(srv.url + "/api/generate", json=short, timeout=60)
         assert response.status_code == 503
         assert response.json()["error"] == "server busy, please try again.  maximum pending requests exceeded"
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 
@@ -198,3 +199,41 @@ def test_a_request_that_attaches_before_a_scheduled_unload_keeps_its_runner(
         return kept, runner.stopped  # and once that request is done, keep_alive 0 unloads it
 
     assert asyncio.run(scenario()) == (True, True)
+
+
+def test_a_queue_of_none_serves_a_load_and_turns_away_a_request_that_would_wait_for_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """BERTH_MAX_QUEUE=0: the request that loads a model waits behind nobody, so it is served;
+    one that arrives during that load would wait behind it, so it gets QueueFull at once."""
+    import asyncio
+
+    import server.scheduler as scheduling
+    from registry.digest import Digest
+    from registry.names import ModelName
+    from server.runner import LoadSpec
+
+    loading = threading.Event()
+
+    class SlowRunner(FakeRunner):
+        def start(self, timeout: float) -> None:
+            assert loading.wait(10), "the test never let the load finish"
+
+    monkeypatch.setattr(scheduling, "RunnerProcess", SlowRunner)
+    first_ref, second_ref = (scheduling.ModelRef(name=ModelName.parse(f"m:{i}"), digest=Digest.of_bytes(b"m%d" % i),
+                                                 spec=LoadSpec(model_path="/nowhere"), details={}, size=1)
+                             for i in (1, 2))
+
+    async def scenario() -> bool:
+        scheduler = scheduling.Scheduler(max_loaded=2, num_parallel=1, max_queue=0, default_keep_alive=300,
+                                         load_timeout=10)
+        first = asyncio.create_task(scheduler.acquire(first_ref, keep_alive=None))
+        await asyncio.sleep(0.05)  # its load is under way
+        with pytest.raises(scheduling.QueueFull):
+            await scheduler.acquire(second_ref, keep_alive=None)
+        loading.set()
+        lease = await first
+        served = scheduler.is_loaded(first_ref.digest)
+        lease.release()
+        return served
+
+    assert asyncio.run(scenario())
