@@ -451,6 +451,29 @@ def test_a_lone_stream_asks_for_the_rest_once_its_throughput_is_known(
         f"bytes=0-{first - 1}", f"bytes={first}-{3 * MiB - 1}"]
 
 
+def test_a_resumed_run_stops_before_a_later_chunk_that_is_partly_on_disk(
+        hostile: HostileRegistry, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks 0-1 missing, chunk 2 half on disk (recorded durable, not yet checked), 3-5 missing: the
+    first request stops before chunk 2, and chunk 2 is fetched from its first missing byte, so
+    nothing on disk comes over the network again."""
+    import registry.pull
+
+    monkeypatch.setattr(registry.pull, "RAMP_INTERVAL", 5.0)  # one stream: the requests come in order
+    weights = os.urandom(6 * MiB)
+    digest = Digest.parse(hostile.serve_model(weights))
+    half = 2 * MiB + MiB // 2
+    partial_path(library.blobs, digest).write_bytes(bytes(2 * MiB) + weights[2 * MiB:half] + bytes(6 * MiB - half))
+    journal = DownloadJournal(library)
+    journal.start(digest, len(weights), MiB)
+    journal.record(digest, {2: (MiB // 2, None)})
+    result = make_puller(library, tmp_path).pull(_name(hostile), lambda e: None, insecure=True)
+    assert library.blobs.path(digest).read_bytes() == weights
+    assert [g.get("Range") for g in _blob_gets(hostile, digest)] == [
+        f"bytes=0-{2 * MiB - 1}", f"bytes={half}-{6 * MiB - 1}"]
+    config = sum(d.size for d in result.manifest.blobs() if d.digest != digest)
+    assert result.fetched_bytes == config + len(weights) - MiB // 2
+
+
 def _fetch_of(library: Library, tmp_path: Path, size: int, chunk: int) -> BlobFetch:
     """A BlobFetch of a blob nobody serves, for checking its bookkeeping alone."""
     puller = make_puller(library, tmp_path, chunk=chunk)

@@ -667,3 +667,56 @@ def test_an_image_the_encoder_cannot_read_is_an_input_error_on_the_owner_thread(
     assert isinstance(bad.error, InputError) and "could not be decoded" in str(bad.error)
     assert bad.threads == {"engine-owner"}
     assert good.error is None and good.stats is not None and good.stats["eval_count"] == 8
+
+
+def test_a_prompt_that_ends_with_an_image_is_an_input_error_and_the_engine_goes_on(
+        vision_engine: tuple[BatchEngine, HeldProjector], llm: Any) -> None:
+    """A LLaVA-style projector (the fake's layout) adds no text after an image, so such a prompt
+    leaves no logits to sample the first token from (llama.cpp would abort the process): refused
+    with what to do, and the engine goes on."""
+    from tests.vision_fixture import png
+
+    engine, held = vision_engine
+    held.release.set()
+    text = "What is in this picture? [img-0]"
+    last, good = Watched(), Watched()
+    last.submit(engine, 1, tokens_of(llm, text), text=text, images=[png(32, 32)])
+    good.submit(engine, 2, tokens_of(llm, PROMPTS[1]))
+    assert last.done.wait(60) and good.done.wait(60)
+    assert isinstance(last.error, InputError) and "add the question or instruction after it" in str(last.error)
+    assert good.error is None and good.stats is not None and good.stats["eval_count"] == 8
+    after = Watched()  # the refused request holds no slot
+    tokens, extra = _image_request(llm, png(32, 32))
+    after.submit(engine, 3, tokens, **extra)
+    assert after.done.wait(60) and after.error is None and after.stats is not None and after.stats["eval_count"] > 0
+
+
+def test_an_error_sampling_an_image_requests_first_token_frees_its_slot(
+        vision_engine: tuple[BatchEngine, HeldProjector], llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first token after an image is sampled as the request takes its slot. An error there
+    (a stand-in here: `_sample` raising once) ends that request alone and gives the slot back."""
+    from tests.vision_fixture import png
+
+    engine, held = vision_engine
+    held.release.set()
+    real_sample = engine._sample  # noqa: SLF001
+    raised: list[int] = []
+
+    def sample_failing_once(slot: Any) -> None:
+        if not raised:
+            raised.append(1)
+            raise RuntimeError("sampling broke")
+        real_sample(slot)
+
+    monkeypatch.setattr(engine, "_sample", sample_failing_once)
+    image = Watched()
+    tokens, extra = _image_request(llm, png(32, 32))
+    image.submit(engine, 1, tokens, **extra)
+    assert image.done.wait(60) and isinstance(image.error, RuntimeError) and raised
+    both = [Watched(), Watched()]  # the engine has two slots: both are free again
+    for job_id, watched in enumerate(both, start=2):
+        watched.submit(engine, job_id, tokens_of(llm, PROMPTS[job_id]))
+    for watched in both:
+        assert watched.done.wait(60) and watched.error is None and watched.stats is not None
+        assert watched.stats["eval_count"] == 8
+    assert engine.active_jobs() == 0
