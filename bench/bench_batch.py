@@ -20,8 +20,9 @@ The same N concurrent requests are then sent as streaming HTTP clients to a live
 (batching on, 8 slots, the default model), so the figures include the API and the runner pipe.
 
 Timings on a shared machine drift from minute to minute, so the whole set (ceiling, raw, engine,
-HTTP) is measured `--rounds` times; each ratio is taken within a round, between figures measured
-a minute apart at most, and the summary gives the median of the rounds' ratios.
+HTTP) is measured `--rounds` times, each N's sides back to back (the ceiling, then the engine, the
+HTTP clients, the same-build ceiling and raw); each ratio is taken within a round, between figures
+measured seconds apart, and the summary gives the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -305,10 +306,11 @@ class Ceiling:
     prefill_s: float  # T_PP: all N prompts processed at once
 
 
-def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, threads: int) -> dict[int, Ceiling]:
+def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, threads: int,
+                      counts: tuple[int, ...] = CONCURRENCY) -> dict[int, Ceiling]:
     """llama.cpp's own batched decode of N sequences, N prompts of `prompt_len` then `tokens` each."""
-    npl = ",".join(str(n) for n in CONCURRENCY)
-    ctx = max(CONCURRENCY) * (prompt_len + tokens) + 64
+    npl = ",".join(str(n) for n in counts)
+    ctx = max(counts) * (prompt_len + tokens) + 64
     command = [binary, "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512", "-npp", str(prompt_len),
                "-ntg", str(tokens), "-npl", npl, "-t", str(threads), "-tb", str(threads)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=900)
@@ -347,18 +349,24 @@ def median_of(rounds: list[Round], ratio: Callable[[Round], float | None]) -> st
 def measure_round(number: int, args: argparse.Namespace, llm: object, engine: BatchEngine, model: Path,
                   prompts: list[list[int]], url: str | None, binary: str | None) -> Round:
     prompt_len = round(statistics.mean(len(p) for p in prompts))
-    ceiling = run_batched_bench(binary, model, prompt_len, args.tokens, args.threads) if binary else {}
-    library = (run_batched_bench(args.library_bench, model, prompt_len, args.tokens, args.threads)
-               if args.library_bench else {})
+    ceiling: dict[int, Ceiling] = {}
+    library: dict[int, Ceiling] = {}
     raw: dict[int, Result] = {}
     berth: dict[int, Result] = {}
+    http: dict[int, Result] = {}
+    # Each N's sides run back to back, the ceiling right before the engine: this kind of VM drifts
+    # by more than the 10% the targets allow within a minute, but little within seconds.
     for n in CONCURRENCY:
+        if binary:
+            ceiling.update(run_batched_bench(binary, model, prompt_len, args.tokens, args.threads, (n,)))
         batch = [prompts[i % len(prompts)] for i in range(n)]
-        raw[n] = run_raw(llm, batch, args.tokens)
         berth[n] = run_engine(engine, batch, args.tokens)
-    http = {n: concurrent_streams(n, berth_stream(url, args.tokens, args.num_ctx, args.threads,
-                                                  round_tag(number, n)))
-            for n in CONCURRENCY} if url else {}
+        if url:
+            http[n] = concurrent_streams(n, berth_stream(url, args.tokens, args.num_ctx, args.threads,
+                                                         round_tag(number, n)))
+        if args.library_bench:
+            library.update(run_batched_bench(args.library_bench, model, prompt_len, args.tokens, args.threads, (n,)))
+        raw[n] = run_raw(llm, batch, args.tokens)
     for n in CONCURRENCY:
         print(f"round {number} N={n}  raw   {raw[n].line()}")
         print(f"round {number} N={n}  berth {berth[n].line()}  x{berth[n].tokens_per_s / raw[n].tokens_per_s:.2f} raw")
