@@ -39,7 +39,7 @@ from registry.library import Library  # noqa: E402
 from registry.manifest import MODEL_LAYER  # noqa: E402
 from registry.names import ModelName  # noqa: E402
 from registry.oci import RegistryClient  # noqa: E402
-from registry.pull import CHECKPOINT_BYTES, DEFAULT_CHUNK_SIZE, DEFAULT_PARALLEL, RECORD_BYTES  # noqa: E402
+from registry.pull import CHECKPOINT_BYTES, DEFAULT_CHUNK_SIZE, DEFAULT_PARALLEL  # noqa: E402
 from registry.push import Pusher  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 from tests.registry_fixture import start_registry  # noqa: E402
@@ -229,8 +229,7 @@ def main() -> None:
         berth_best = min(b for _, b in rounds)
         print(f"blob: {weights.digest.short}, {size_mb:.1f} MB")
         print(f"berth: 1 to {DEFAULT_PARALLEL} streams of {DEFAULT_CHUNK_SIZE >> 20} MiB chunks, fdatasync every "
-              f"{CHECKPOINT_BYTES >> 20} MiB, recorded every {RECORD_BYTES >> 20} MiB; {os.cpu_count()} CPUs, "
-              f"load {os.getloadavg()[0]:.1f}")
+              f"{CHECKPOINT_BYTES >> 20} MiB; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         for i, ((c, b), (cc, bc), (rc, rb)) in enumerate(zip(rounds, cpu, served)):
             print(f"  round {i}: curl {size_mb / c:7.1f} MB/s ({cc:.2f} s CPU, registry {rc:.2f})   berth pull "
                   f"{size_mb / b:7.1f} MB/s (server {bc:.2f} s CPU, registry {rb:.2f}; POST /api/pull, "

@@ -75,13 +75,9 @@ RUN_CHUNKS = 8
 # Streams are added one at a time, RAMP_INTERVAL apart, while each raises the throughput this much.
 RAMP_INTERVAL = 0.5
 RAMP_GAIN = 1.15
-# Landed bytes are made durable (fdatasync) whenever this many have landed since the last time,
-# on a thread of their own, so the disk writes as the bytes come and the final fsync finds little.
+# Landed bytes are made durable (fdatasync) and recorded in the catalog whenever this many have
+# landed since the last time, on a thread of their own: a kill loses at most about this much.
 CHECKPOINT_BYTES = 16 * 1024 * 1024
-# What is durable is recorded in the catalog (what a resume trusts) once this much more is: a kill
-# loses at most about this much. A record is a catalog transaction, ~2 ms of CPU during a pull,
-# which a fast link feels; fdatasyncs cost the CPU nothing.
-RECORD_BYTES = 64 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 # A blob up to this size is fetched whole (WholeBlobFetch): no chunks, journal or partial file.
 WHOLE_BLOB_BYTES = 1024 * 1024
@@ -170,9 +166,6 @@ class BlobFetch:
         self._cond = threading.Condition()
         self._landed: list[int] = []
         self._durable: list[int] = []
-        # Durable chunk states not recorded in the catalog yet, and their bytes (see _checkpoint).
-        self._unrecorded: dict[int, tuple[int, str | None]] = {}
-        self._unrecorded_bytes = 0
         self._claimed: list[bool] = []
         # Chunk checks known in this run and not yet in the catalog (see _record_check).
         self._checksums: dict[int, str] = {}
@@ -224,7 +217,7 @@ class BlobFetch:
                     # What landed is made durable and recorded, so a resume skips it. Not after a
                     # failed fdatasync: Linux reports a writeback error once, so a second one would
                     # "succeed" and record bytes the disk lost.
-                    self._checkpoint(fd, record=True)
+                    self._checkpoint(fd)
             finally:
                 os.close(fd)  # after any discard: the lock keeps other processes off the file until then
             raise
@@ -382,9 +375,8 @@ class BlobFetch:
             self._cond.notify_all()
         checkpointer.join()
 
-    def _checkpoint(self, fd: int, record: bool = False) -> None:
-        """fdatasync what has landed, then (and only then) record it in the catalog: every
-        RECORD_BYTES of durable bytes, or now if `record` (a download that stops)."""
+    def _checkpoint(self, fd: int) -> None:
+        """fdatasync what has landed, then (and only then) record it in the catalog."""
         with self._checkpoint_lock:
             with self._cond:
                 landed = list(self._landed)
@@ -394,25 +386,19 @@ class BlobFetch:
             # hashed front can pass a chunk long after its bytes landed and were recorded).
             changed = {idx: (count, checksums.get(idx)) for idx, count in enumerate(landed)
                        if count > self._durable[idx] or idx in checksums}
-            if changed:
-                os.fdatasync(fd)
-                with self._cond:
-                    for idx, (count, check) in changed.items():
-                        self._unrecorded_bytes += max(0, count - self._durable[idx])
-                        self._durable[idx] = max(self._durable[idx], count)
-                        if check is not None and self._checksums.get(idx) == check:
-                            del self._checksums[idx]
-                        # A check, once known, stays until recorded (a later state may carry none).
-                        earlier = self._unrecorded.get(idx, (0, None))[1]
-                        self._unrecorded[idx] = (count, check or earlier)
-            if self._unrecorded and (record or self._unrecorded_bytes >= RECORD_BYTES):
-                self.journal.record(self.desc.digest, self._unrecorded)
-                self._unrecorded, self._unrecorded_bytes = {}, 0
+            if not changed:
+                return
+            os.fdatasync(fd)
+            with self._cond:
+                for idx, (count, check) in changed.items():
+                    self._durable[idx] = max(self._durable[idx], count)
+                    if check is not None and self._checksums.get(idx) == check:
+                        del self._checksums[idx]
+            self.journal.record(self.desc.digest, changed)
 
     def _restart_chunk(self, idx: int) -> None:
         """Forget a chunk whose bytes on disk no longer match its recorded checksum."""
         with self._checkpoint_lock:
-            self._unrecorded.pop(idx, None)
             with self._cond:
                 self._unlanded += self._landed[idx]
                 self._landed[idx] = self._durable[idx] = 0

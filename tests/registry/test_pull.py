@@ -942,28 +942,6 @@ def test_a_stream_that_does_not_raise_the_throughput_is_the_last_one_added(
     assert _streams_used(hostile, tmp_path, monkeypatch) == 2
 
 
-def test_durable_bytes_are_recorded_every_record_bytes_and_when_the_download_stops(
-        hostile: HostileRegistry, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An fdatasync every CHECKPOINT_BYTES (1 MiB here) but a catalog record, a transaction, only
-    every RECORD_BYTES (3 MiB here); a download that stops records everything durable at once."""
-    import registry.pull
-
-    monkeypatch.setattr(registry.pull, "CHECKPOINT_BYTES", MiB)
-    monkeypatch.setattr(registry.pull, "RECORD_BYTES", 3 * MiB)
-    weights = os.urandom(8 * MiB)
-    digest = Digest.parse(hostile.serve_model(weights))
-    hostile.behaviour.stop_at = 5 * MiB + 17  # every connection ends there
-    puller = make_puller(library, tmp_path)
-    records: list[dict[int, tuple[int, str | None]]] = []
-    record = puller.journal.record
-    monkeypatch.setattr(puller.journal, "record", lambda d, chunks: (records.append(dict(chunks)), record(d, chunks)))
-    with pytest.raises(RegistryError, match="resume"):
-        puller.pull(_name(hostile), lambda e: None, insecure=True)
-    assert 1 <= len(records) <= 2  # at 3 MiB or more (if the checkpoint thread got there first), and at the stop
-    state = puller.journal.load(digest)
-    assert state is not None and sum(c.completed for c in state.chunks.values()) == 5 * MiB + 17
-
-
 def test_a_damaged_chunk_of_a_partial_file_is_fetched_again_alone(hostile: HostileRegistry, tmp_path: Path) -> None:
     weights = os.urandom(6 * MiB)
     digest = Digest.parse(hostile.serve_model(weights))
