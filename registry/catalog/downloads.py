@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, delete, func, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import DateTime, ForeignKey, Integer, String, delete, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from registry.catalog.schema import Base
@@ -60,6 +59,12 @@ class PartialState:
     chunks: dict[int, ChunkState]
 
 
+_RECORD_CHUNKS = (
+    f"INSERT INTO {PartialChunkRow.__tablename__} (digest, idx, completed, checksum) VALUES (?, ?, ?, ?) "
+    f"ON CONFLICT (digest, idx) DO UPDATE SET completed = excluded.completed, "
+    f"checksum = coalesce(excluded.checksum, {PartialChunkRow.__tablename__}.checksum)")
+
+
 class DownloadJournal:
     """Reads and writes partial-download rows; each call is its own short transaction."""
 
@@ -88,15 +93,12 @@ class DownloadJournal:
         """Save `{idx: (completed, checksum or None)}` in one transaction; a None keeps the old checksum."""
         if not chunks:
             return
-        rows = [{"digest": str(digest), "idx": idx, "completed": completed, "checksum": checksum}
-                for idx, (completed, checksum) in chunks.items()]
-        statement = sqlite_insert(PartialChunkRow)
-        statement = statement.on_conflict_do_update(
-            index_elements=[PartialChunkRow.digest, PartialChunkRow.idx],
-            set_={"completed": statement.excluded.completed,
-                  "checksum": func.coalesce(statement.excluded.checksum, PartialChunkRow.checksum)})
-        with self._library.session() as session:
-            session.execute(statement, rows)
+        # A pull records at every checkpoint (16 MiB), during the transfer. Through the ORM a record
+        # cost ~0.5 ms of CPU, ~2 ms on two cores busy with the transfer: a tenth of a pull's CPU.
+        # One plain statement, which SQLite keeps compiled, costs a tenth of that.
+        with self._library.engine.begin() as connection:
+            connection.exec_driver_sql(_RECORD_CHUNKS, [(str(digest), idx, completed, checksum)
+                                                        for idx, (completed, checksum) in chunks.items()])
 
     def reset(self, digest: Digest, idx: int) -> None:
         """Forget what was recorded of chunk `idx` (its bytes on disk failed their checksum)."""
