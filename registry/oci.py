@@ -157,12 +157,7 @@ class Repository:
     def absolute(self, location: str) -> str:
         """Resolve a `Location` the registry gave (often relative) against the registry. It may
         name another host (which then gets no credentials), but not plain http from https."""
-        url = urljoin(self.root, location)
-        scheme = urlsplit(url).scheme
-        if scheme not in ("http", "https") or (scheme == "http" and not self.insecure):
-            raise RegistryRefused(f"{self.host} named {_redact(url)} to send data to; only https is followed "
-                                  "from an https registry")
-        return url
+        return _followed(self.root, location, f"{self.host} named as its upload location")
 
     def scope(self, *actions: str) -> str:
         return f"repository:{self.path}:{','.join(actions)}"
@@ -378,14 +373,7 @@ class RegistryClient:
                 return response
             # Upload answers (202/201) carry Location too; only 3xx are redirects, handled here.
             response.close()
-            target = urljoin(current, location)
-            parts = urlsplit(target)
-            if parts.scheme not in ("http", "https"):
-                raise RegistryRefused(f"the registry redirected to a {parts.scheme!r} URL; only http(s) is "
-                                      "followed")
-            if urlsplit(current).scheme == "https" and parts.scheme == "http":
-                raise RegistryRefused(f"the registry redirected from https to plain http ({_redact(target)}); "
-                                      "refusing the downgrade")
+            target = _followed(current, location, "the registry redirected to")
             if response.status_code == 303:
                 current_method, body = "GET", None
             current = target
@@ -516,6 +504,19 @@ def _error_message(body: bytes) -> str:
     except ValueError:
         pass
     return body.decode("utf-8", errors="replace").strip()[:200]
+
+
+def _followed(base: str, location: str, what: str) -> str:
+    """`location` resolved against `base`: where a registry sends us next (a redirect, an upload's
+    Location). Only http(s), and never plain http from https."""
+    url = urljoin(base, location)
+    scheme = urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise RegistryRefused(f"{what} {_redact(url)}, a {scheme!r} URL; only http(s) is followed")
+    if scheme == "http" and urlsplit(base).scheme == "https":
+        raise RegistryRefused(f"{what} {_redact(url)}, plain http after https; refusing the downgrade "
+                              "(only https is followed from an https registry)")
+    return url
 
 
 def _redact(url: str) -> str:
