@@ -307,24 +307,20 @@ class Ceiling:
 
 
 def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, threads: int,
-                      counts: tuple[int, ...] = CONCURRENCY) -> dict[int, Ceiling]:
-    """llama.cpp's own batched decode of N sequences, N prompts of `prompt_len` then `tokens` each."""
-    npl = ",".join(str(n) for n in counts)
-    ctx = max(counts) * (prompt_len + tokens) + 64
+                      n: int) -> Ceiling | None:
+    """llama.cpp's own batched decode of `n` sequences, `n` prompts of `prompt_len` then `tokens` each."""
+    ctx = n * (prompt_len + tokens) + 64
     command = [binary, "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512", "-npp", str(prompt_len),
-               "-ntg", str(tokens), "-npl", npl, "-t", str(threads), "-tb", str(threads)]
+               "-ntg", str(tokens), "-npl", str(n), "-t", str(threads), "-tb", str(threads)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    ceiling: dict[int, Ceiling] = {}
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 9 and re.fullmatch(r"\d+", cells[0] or "") and re.fullmatch(r"\d+", cells[2] or ""):
+        if len(cells) >= 9 and re.fullmatch(r"\d+", cells[0] or "") and cells[2] == str(n):
             # columns: PP TG B N_KV T_PP S_PP T_TG S_TG T S
-            n = int(cells[2])
-            ceiling[n] = Ceiling(decode=float(cells[7]), end_to_end=n * tokens / float(cells[8]),
-                                 prefill_s=float(cells[4]))
-    if not ceiling:
-        print(out.stdout[-2000:], out.stderr[-2000:], sep="\n")
-    return ceiling
+            return Ceiling(decode=float(cells[7]), end_to_end=n * tokens / float(cells[8]),
+                           prefill_s=float(cells[4]))
+    print(out.stdout[-2000:], out.stderr[-2000:], sep="\n")
+    return None
 
 
 @dataclass
@@ -357,15 +353,16 @@ def measure_round(number: int, args: argparse.Namespace, llm: object, engine: Ba
     # Each N's sides run back to back, the ceiling right before the engine: this kind of VM drifts
     # by more than the 10% the targets allow within a minute, but little within seconds.
     for n in CONCURRENCY:
-        if binary:
-            ceiling.update(run_batched_bench(binary, model, prompt_len, args.tokens, args.threads, (n,)))
+        if binary and (measured := run_batched_bench(binary, model, prompt_len, args.tokens, args.threads, n)):
+            ceiling[n] = measured
         batch = [prompts[i % len(prompts)] for i in range(n)]
         berth[n] = run_engine(engine, batch, args.tokens)
         if url:
             http[n] = concurrent_streams(n, berth_stream(url, args.tokens, args.num_ctx, args.threads,
                                                          round_tag(number, n)))
-        if args.library_bench:
-            library.update(run_batched_bench(args.library_bench, model, prompt_len, args.tokens, args.threads, (n,)))
+        if args.library_bench and (measured := run_batched_bench(args.library_bench, model, prompt_len,
+                                                                 args.tokens, args.threads, n)):
+            library[n] = measured
         raw[n] = run_raw(llm, batch, args.tokens)
     for n in CONCURRENCY:
         print(f"round {number} N={n}  raw   {raw[n].line()}")

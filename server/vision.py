@@ -125,10 +125,10 @@ class Projector:
                                      f"together (libmtmd status {status})")
                 encoded.positions = int(mtmd.mtmd_helper_get_n_pos(chunks))
                 encoded.cells = int(mtmd.mtmd_helper_get_n_tokens(chunks))
-                if max(encoded.positions, encoded.cells) >= limit:
-                    raise InputError(f"the prompt with its images is {max(encoded.positions, encoded.cells)} "
-                                     f"tokens, which does not fit the context of {limit}; raise num_ctx or send "
-                                     "fewer or smaller images")
+                size = max(encoded.positions, encoded.cells)
+                if size >= limit:
+                    raise InputError(f"the prompt with its images is {size} tokens, which does not fit the "
+                                     f"context of {limit}; raise num_ctx or send fewer or smaller images")
                 parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(int(mtmd.mtmd_input_chunks_size(chunks)))]
                 if parts and mtmd.mtmd_input_chunk_get_type(parts[-1]) != TEXT_CHUNK:
                     # The first token is sampled from the last position's logits, which only a
