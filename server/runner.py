@@ -155,6 +155,15 @@ def gpu_layers(spec: LoadSpec, supports_gpu: bool) -> int:
     return spec.num_gpu
 
 
+def offloaded_share(n_gpu_layers: int, n_layer: int) -> float:
+    """The part of the model on the GPU, for `/api/ps`'s size_vram: llama.cpp offloads the last
+    `n_gpu_layers` of the n_layer blocks plus the output layer (-1: all of them)."""
+    offloadable = n_layer + 1
+    if n_gpu_layers < 0 or n_gpu_layers >= offloadable:
+        return 1.0
+    return n_gpu_layers / offloadable
+
+
 @contextlib.contextmanager
 def _repacked_weights(llama_cpp: Any, wanted: bool) -> Iterator[None]:
     """While a `Llama` is made: whether llama.cpp repacks its weights for the CPU's fastest
@@ -669,6 +678,8 @@ def runner_main(conn: Connection, spec: LoadSpec) -> None:
         "bos_token": _token_text(llm, llm.token_bos()),
         "eos_token": _token_text(llm, llm.token_eos()),
         "gpu": runner.on_gpu,
+        "gpu_share": offloaded_share(runner.n_gpu_layers, runner.llama_cpp.llama_model_n_layer(llm.model))
+        if runner.on_gpu else 0.0,
         "vision": runner.projector is not None,
         "n_gpu_layers": runner.n_gpu_layers,
         "slots": runner.slots,  # generations served at once (the scheduler admits this many)

@@ -289,12 +289,12 @@ class Scheduler:
                 expiry = now + (FOREVER_DELTA if math.isinf(keep) else timedelta(seconds=max(keep, 0)))
             else:
                 expiry = loaded.expiry_wall
-            gpu = bool(loaded.runner.info.get("gpu"))
+            share = float(loaded.runner.info.get("gpu_share") or 0.0)
             entries.append({
                 "name": loaded.ref.name.display,
                 "model": loaded.ref.name.display,
                 "size": loaded.ref.size,
-                "size_vram": loaded.ref.size if gpu else 0,
+                "size_vram": round(loaded.ref.size * share),
                 "digest": loaded.ref.digest.hex,
                 "details": loaded.ref.details,
                 "expires_at": expiry.astimezone().isoformat(),

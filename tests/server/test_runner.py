@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.runner import LoadSpec, _split_at_stop, gpu_layers, logprob_entry
+from server.runner import LoadSpec, _split_at_stop, gpu_layers, logprob_entry, offloaded_share
 
 
 def test_without_a_gpu_backend_everything_runs_on_the_cpu() -> None:
@@ -17,6 +17,16 @@ def test_with_a_gpu_backend_num_gpu_maps_to_layers() -> None:
     assert gpu_layers(LoadSpec(model_path="m", num_gpu=-1), supports_gpu=True) == -1  # all layers
     assert gpu_layers(LoadSpec(model_path="m", num_gpu=0), supports_gpu=True) == 0
     assert gpu_layers(LoadSpec(model_path="m", num_gpu=12), supports_gpu=True) == 12
+
+
+def test_the_share_on_the_gpu_counts_the_output_layer_with_the_blocks() -> None:
+    # Gemma 3 270M: 18 blocks, and llama.cpp's output layer as a 19th.
+    assert offloaded_share(-1, 18) == 1.0
+    assert offloaded_share(19, 18) == 1.0
+    assert offloaded_share(999, 18) == 1.0
+    assert offloaded_share(18, 18) == 18 / 19
+    assert offloaded_share(5, 18) == 5 / 19
+    assert offloaded_share(0, 18) == 0.0
 
 
 def test_stop_strings_are_cut_and_prefixes_held_back() -> None:
