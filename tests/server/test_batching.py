@@ -287,11 +287,20 @@ def test_without_batching_a_chat_burst_is_turned_away_while_a_generation_runs(tm
         ended: dict[str, float] = {}
         answers: list[tuple[int, float]] = []
         lock = threading.Lock()
+        streaming = threading.Event()
+        release = threading.Event()
 
         def long_generation() -> None:
-            body = {"model": "gemma3:270m", "prompt": "1, 2, 3,", "raw": True, "stream": False,
-                    "options": {"num_predict": 400, "temperature": 0}}
-            assert httpx.post(server.url + "/api/generate", json=body, timeout=300).status_code == 200
+            # Held open until the burst has its answers (a GPU writes 400 tokens in under a second),
+            # then left: the disconnect ends it.
+            body = {"model": "gemma3:270m", "prompt": "1, 2, 3,", "raw": True,
+                    "options": {"num_predict": 3000, "temperature": 0}}
+            with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=300) as reply:
+                assert reply.status_code == 200
+                for line in reply.iter_lines():
+                    streaming.set()
+                    if release.is_set() or json.loads(line).get("done"):
+                        break
             ended["long"] = time.monotonic()
 
         def chat() -> None:
@@ -303,10 +312,14 @@ def test_without_batching_a_chat_burst_is_turned_away_while_a_generation_runs(tm
 
         running = threading.Thread(target=long_generation)
         running.start()
-        time.sleep(1.0)  # the generation holds the one slot
+        assert streaming.wait(120)  # the generation holds the one slot
         burst = [threading.Thread(target=chat) for _ in range(8)]
         for thread in burst:
             thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(status == 503 for status, _ in answers) < 5:
+            time.sleep(0.05)
+        release.set()
         for thread in burst + [running]:
             thread.join()
         busy = [when for status, when in answers if status == 503]
