@@ -136,14 +136,8 @@ class BatchEngine:
         llama_cpp.llama_backend_init()
         self._owns_model = model is None
         if model is None:
-            model_params = llama_cpp.llama_model_default_params()
-            # llama.cpp reads INT32_MAX as "all layers"; -1 is Berth's spelling of that.
-            model_params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
-            model_params.use_mmap = use_mmap
-            # Repacked CPU weights are faster, but their kernels treat a row differently depending on
-            # where it falls in the batch (4-row groups), so output can change with the batch.
-            model_params.use_extra_bufts = not batch_invariant
-            model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
+            params = model_params(llama_cpp, n_gpu_layers, use_mmap, batch_invariant)
+            model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
             if not model:
                 raise ValueError(f"failed to load model from {model_path}")
         self._model = model
@@ -704,6 +698,21 @@ class BatchEngine:
         if slot.sampler is not None:
             self._llama.llama_sampler_free(slot.sampler)
             slot.sampler = None
+
+
+def model_params(llama_cpp: Any, n_gpu_layers: int, use_mmap: bool, batch_invariant: bool) -> Any:
+    """llama.cpp's model parameters for a model the engine loads itself, set as llama-cpp-python's
+    `Llama` sets them, so both load a model alike."""
+    params = llama_cpp.llama_model_default_params()
+    # llama.cpp reads INT32_MAX as "all layers"; -1 is Berth's spelling of that.
+    params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+    # Explicit, as `Llama` makes it: llama.cpp's default (AUTO) may read the file into buffers
+    # instead, depending on the devices found.
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+    # Repacked CPU weights are faster, but their kernels treat a row differently depending on
+    # where it falls in the batch (4-row groups), so output can change with the batch.
+    params.use_extra_bufts = not batch_invariant
+    return params
 
 
 def _notify(callback: Callable[..., None], *values: Any) -> None:

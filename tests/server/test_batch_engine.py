@@ -21,7 +21,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from server.batch_engine import BatchEngine  # noqa: E402
+from server.batch_engine import BatchEngine, model_params  # noqa: E402
 from server.runner import InputError, _shifted, logprob_entry  # noqa: E402
 
 SLOT_CTX = 512
@@ -63,6 +63,17 @@ def invariant_engine(gguf_path: Path) -> Iterator[BatchEngine]:
     eng = BatchEngine(str(gguf_path), n_ctx_per_slot=SLOT_CTX, slots=4, n_batch=512, batch_invariant=True)
     yield eng
     eng.close()
+
+
+def test_a_model_the_engine_loads_is_loaded_as_llama_cpp_python_loads_it() -> None:
+    """The fields are llama.cpp's own (a name the struct lacks would be set on the Python object
+    alone and ignored: llama-cpp-python replaced use_mmap with load_mode)."""
+    fields = {name for name, _ in llama_cpp.llama_model_params._fields_}
+    assert {"n_gpu_layers", "load_mode", "use_extra_bufts"} <= fields
+    mapped = model_params(llama_cpp, n_gpu_layers=0, use_mmap=True, batch_invariant=False)
+    assert (mapped.load_mode, mapped.n_gpu_layers, mapped.use_extra_bufts) == (llama_cpp.LLAMA_LOAD_MODE_MMAP, 0, True)
+    read = model_params(llama_cpp, n_gpu_layers=-1, use_mmap=False, batch_invariant=True)
+    assert (read.load_mode, read.n_gpu_layers, read.use_extra_bufts) == (llama_cpp.LLAMA_LOAD_MODE_NONE, 0x7FFFFFFF, False)
 
 
 @dataclass
