@@ -186,7 +186,7 @@ class Connection:
                           f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
         await self.writer.drain()
         status = (await self.reader.readline()).decode("latin-1").strip()
-        headers = {}
+        headers: dict[str, str] = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip().lower()
@@ -229,8 +229,9 @@ def concurrent_streams(n: int, url: str, stream_one: StreamOne) -> Result:
         started = time.perf_counter()
         requests = [Request(started) for _ in range(n)]
         try:
-            outcomes = await asyncio.gather(*(stream_one(i, requests[i], connections[i]) for i in range(n)),
-                                            return_exceptions=True)
+            async with asyncio.timeout(600):  # a server that stops answering ends the run, not hangs it
+                outcomes = await asyncio.gather(*(stream_one(i, requests[i], connections[i]) for i in range(n)),
+                                                return_exceptions=True)
         finally:
             for connection in connections:
                 connection.close()
