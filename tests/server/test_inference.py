@@ -230,18 +230,24 @@ def test_a_killed_runner_becomes_a_clean_error_and_the_next_request_works(fresh_
     assert again.status_code == 200 and again.json()["done"]
 
 
-def test_a_client_that_disconnects_stops_the_generation(fresh_server: BerthServer) -> None:
-    url = fresh_server.url + "/api/generate"
-    body = {"model": MODEL, "prompt": "Count from one to one thousand:", "options": {"num_predict": 3000}}
-    with httpx.stream("POST", url, json=body, timeout=120) as response:
-        for i, _ in enumerate(response.iter_lines()):
-            if i == 2:
-                break
-    # The slot is free again: had the generation gone on, this request would queue behind 3000
-    # tokens (about a minute here) and hit the client's timeout.
-    again = httpx.post(url, json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}},
-                       timeout=30).json()
-    assert again["done"] and again["eval_count"] <= 2
+def test_clients_that_disconnect_stop_their_generations(tmp_path: Path) -> None:
+    """Two streams fill both slots, read a few tokens and leave. Their generations could run for
+    100,000 tokens (minutes even on a GPU), so a request sent next is answered only if leaving
+    freed the slots."""
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", {"BERTH_NUM_PARALLEL": "2"})
+    try:
+        url = srv.url + "/api/generate"
+        endless = {"model": MODEL, "prompt": "1, 2, 3,", "raw": True, "options": {"num_predict": 100_000}}
+        with httpx.stream("POST", url, json=endless, timeout=120) as first, \
+                httpx.stream("POST", url, json=endless, timeout=120) as second:
+            for response in (first, second):
+                lines = response.iter_lines()
+                assert not any(json.loads(next(lines))["done"] for _ in range(3))
+        again = httpx.post(url, json={"model": MODEL, "prompt": "hi", "stream": False,
+                                      "options": {"num_predict": 2}}, timeout=30).json()
+        assert again["done"] and again["eval_count"] <= 2
+    finally:
+        srv.stop()
 
 
 def test_full_queue_answers_503(tmp_path: Path) -> None:
