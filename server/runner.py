@@ -677,9 +677,8 @@ def runner_main(conn: Connection, spec: LoadSpec) -> None:
         "chat_template": llm.metadata.get("tokenizer.chat_template"),
         "bos_token": _token_text(llm, llm.token_bos()),
         "eos_token": _token_text(llm, llm.token_eos()),
-        "gpu": runner.on_gpu,
-        "gpu_share": offloaded_share(runner.n_gpu_layers, runner.llama_cpp.llama_model_n_layer(llm.model))
-        if runner.on_gpu else 0.0,
+        # 0 on the CPU: without a GPU backend no layer is offloaded (see gpu_layers).
+        "gpu_share": offloaded_share(runner.n_gpu_layers, runner.llama_cpp.llama_model_n_layer(llm.model)),
         "vision": runner.projector is not None,
         "n_gpu_layers": runner.n_gpu_layers,
         "slots": runner.slots,  # generations served at once (the scheduler admits this many)
