@@ -316,7 +316,8 @@ def llama_server_rounds(binary: str, model: Path, num_ctx: int, tokens: int, pla
     from tests.conftest import free_port
 
     port = free_port()
-    command = [binary, "-m", str(model), "-np", str(slots), "-c", str(slots * num_ctx), *placement.flags(), "--host", "127.0.0.1", "--port", str(port)]
+    command = [binary, "-m", str(model), "-np", str(slots), "-c", str(slots * num_ctx), *placement.flags(),
+               "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -406,6 +407,7 @@ def placement(args: argparse.Namespace) -> Placement:
 def measure_round(number: int, args: argparse.Namespace, llm: object, engine: BatchEngine, model: Path,
                   prompts: list[list[int]], url: str | None, binary: str | None) -> Round:
     prompt_len = round(statistics.mean(len(p) for p in prompts))
+    where = placement(args)
     ceiling: dict[int, Ceiling] = {}
     library: dict[int, Ceiling] = {}
     raw: dict[int, Result] = {}
@@ -414,15 +416,15 @@ def measure_round(number: int, args: argparse.Namespace, llm: object, engine: Ba
     # Each N's sides run back to back, the ceiling right before the engine: this kind of VM drifts
     # by more than the 10% the targets allow within a minute, but little within seconds.
     for n in CONCURRENCY:
-        if binary and (measured := run_batched_bench(binary, model, prompt_len, args.tokens, placement(args), n)):
+        if binary and (measured := run_batched_bench(binary, model, prompt_len, args.tokens, where, n)):
             ceiling[n] = measured
         batch = [prompts[i % len(prompts)] for i in range(n)]
         berth[n] = run_engine(engine, batch, args.tokens)
         if url:
-            http[n] = concurrent_streams(n, url, berth_stream(args.tokens, args.num_ctx, placement(args),
+            http[n] = concurrent_streams(n, url, berth_stream(args.tokens, args.num_ctx, where,
                                                               round_tag(number, n)))
         if args.library_bench and (measured := run_batched_bench(args.library_bench, model, prompt_len,
-                                                                 args.tokens, placement(args), n)):
+                                                                 args.tokens, where, n)):
             library[n] = measured
         raw[n] = run_raw(llm, batch, args.tokens)
     for n in CONCURRENCY:
