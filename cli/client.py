@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from registry import bounded_json
 from server.address import HostAddress, client_address, host_from_env
 
 
@@ -32,7 +33,7 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return bounded_json.decode(self.content)
 
     @property
     def text(self) -> str:
@@ -73,7 +74,7 @@ class Client:
                 raise ClientError(error_text(Response(response.status, response.read())), status=response.status)
             for line in response:
                 if line.strip():
-                    yield json.loads(line)
+                    yield bounded_json.decode(line)
         except (OSError, http.client.HTTPException) as exc:
             raise self._transport_error(path, exc) from None
         finally:

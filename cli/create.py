@@ -1,19 +1,20 @@
 """`berth create` and `berth import-ollama`.
 
 create parses the Modelfile here (errors name its line), then gets the weights to the server:
-* server on this machine (a loopback BERTH_HOST): the files' absolute paths go in the create
-  request, and the server links them into its blob store (no copy, one hashing pass, on the
-  server). If the server cannot read them (it runs in a container, say), or `upload` is asked for,
+* server on this machine (a loopback BERTH_HOST): the files are opened here and handed to the
+  server as open files over its Unix socket (registry/file_handoff.py), and it links them into
+  its blob store (no copy, one hashing pass, on the server). If that cannot be done (the server
+  runs as another user, or is reached through a tunnel), or `upload` is asked for,
 * every file is hashed here, the server is asked whether it has that blob
   (`HEAD /api/blobs/<digest>`), and only missing blobs are uploaded, streamed from disk;
-then `POST /api/create` (Ollama's current shape) and one line per progress message.
+then `POST /api/create` (Ollama's current shape) naming the files by digest, and one line per
+progress message.
 
 import-ollama works on BERTH_MODELS directly, like `berth fsck`: it needs no server.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import sys
@@ -26,15 +27,13 @@ import typer
 
 from cli.client import Client, ClientError
 from cli.humanize import human_bytes
-from registry import modelfile_request
-from registry.adopt import FileIdentity
+from registry import file_handoff, modelfile_request
+from registry.adopt import COPY, HARDLINK, REFLINK
 from registry.errors import BerthError, InvalidInput
 from registry.modelfile import parse as parse_modelfile
 
 READ_CHUNK = 1024 * 1024
-# What a Berth server answers when it cannot open a path it was given, and what an Ollama server
-# (or any server without the path extension) answers for a path where it expects a digest.
-_SERVER_CANNOT_READ = ("cannot read ", "invalid digest format")
+_PLACED = {REFLINK: "cloned", HARDLINK: "linked", COPY: "copied"}
 
 Progress = Callable[[int], None]
 
@@ -92,21 +91,36 @@ def create_command(name: str, file: str | None, quiet: bool, upload: bool = Fals
     client = _CreateClient()
     body: dict[str, Any] = {"model": name, **request.json_fields(), "stream": True}
     if request.files or request.adapters:
+        handed = None
         if client.address.is_loopback and not upload:
-            linked = {"files": _as_paths(request.files), "adapters": _as_paths(request.adapters),
-                      "file_identities": _identities(request.files + request.adapters)}
-            try:
-                _stream_create(client, {**body, **linked}, out)
-                return
-            except ClientError as exc:
-                if exc.status != 400 or not str(exc).startswith(_SERVER_CANNOT_READ):
-                    raise
-                out.line("the server cannot read the files from its disk; uploading them")
-        uploader = _Uploader(client, out)
-        body["files"] = uploader.send_all(request.files)
-        body["adapters"] = uploader.send_all(request.adapters)
-        out.line(f"uploaded {uploader.uploaded_files} of {uploader.files} files ({uploader.uploaded_bytes} bytes)")
+            handed = _hand_over(client, request.files + request.adapters, out)
+        if handed is not None:
+            body["files"] = {item.name: handed[item.source] for item in request.files}
+            body["adapters"] = {item.name: handed[item.source] for item in request.adapters}
+        else:
+            uploader = _Uploader(client, out)
+            body["files"] = uploader.send_all(request.files)
+            body["adapters"] = uploader.send_all(request.adapters)
+            out.line(f"uploaded {uploader.uploaded_files} of {uploader.files} files "
+                     f"({uploader.uploaded_bytes} bytes)")
     _stream_create(client, body, out)
+
+
+def _hand_over(client: Client, files: tuple[modelfile_request.NamedFile[Path], ...],
+               out: _Output) -> dict[Path, str] | None:
+    """The files' digests once handed to a server on this machine, which links them into its
+    store; None (they are then uploaded) when this server cannot take them so."""
+    try:
+        name = str(client.get_json("/api/handoff")["socket"])
+        received = file_handoff.hand_over(name, [str(item.source) for item in files])
+    except (ClientError, KeyError, TypeError, OSError, BerthError) as exc:
+        if isinstance(exc, ClientError) and exc.status not in (404, None):
+            raise  # a refused key, a server error: uploading would fail the same way
+        out.line(f"the server cannot take the files from this machine ({exc}); uploading them")
+        return None
+    for item, stored in zip(files, received):
+        out.line(f"{_PLACED.get(stored.method, 'took')} {item.name}")
+    return {item.source: stored.digest for item, stored in zip(files, received)}
 
 
 def _read_request(path: Path) -> modelfile_request.ModelfileRequest[Path]:
@@ -142,15 +156,6 @@ def _local_file_locator(base: Path) -> Callable[[str], tuple[str, Path] | None]:
         return None
 
     return locate
-
-
-def _as_paths(files: tuple[modelfile_request.NamedFile[Path], ...]) -> dict[str, str]:
-    return {item.name: str(item.source) for item in files}
-
-
-def _identities(files: tuple[modelfile_request.NamedFile[Path], ...]) -> dict[str, dict[str, int]]:
-    """What this machine sees at each path; a server elsewhere (through a tunnel) sees another file."""
-    return {str(item.source): dataclasses.asdict(FileIdentity.of(item.source.stat())) for item in files}
 
 
 class _Uploader:

@@ -42,22 +42,7 @@ COPY = "copy"
 
 
 class UnreadableFile(InvalidInput):
-    """A path named for adoption cannot be opened, is not a regular file, or is not the file meant."""
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """What a client saw of a file: with these, a server reached through a tunnel from another
-    machine cannot mistake its own file at the same path for the client's."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, info: os.stat_result) -> "FileIdentity":
-        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    """A file named for adoption cannot be opened or is not a regular file."""
 
 
 @dataclass
@@ -128,32 +113,35 @@ class StagedFile:
         self.discard()
 
 
-def stage(store: BlobStore, source: Path, max_size: int | None = None,
-          identity: FileIdentity | None = None) -> StagedFile:
+def stage(store: BlobStore, source: Path, max_size: int | None = None) -> StagedFile:
     """Place `source` in the blobs directory under a locked temporary name (reflink, link or copy).
 
-    Raises UnreadableFile when it cannot be opened, is not a regular file (a FIFO or a device
-    would never end: CVE-2024-39721) or is not the file `identity` describes; TooLarge when it is
-    over `max_size`.
+    Raises UnreadableFile when it cannot be opened or is not a regular file (a FIFO or a device
+    would never end: CVE-2024-39721); TooLarge when it is over `max_size`.
     """
     source_fd = open_regular_file(source)
     try:
-        info = os.fstat(source_fd)
-        if identity is not None and FileIdentity.of(info) != identity:
-            raise UnreadableFile(
-                f'cannot read "{source}" as the client\'s file: the file at that path here differs in device, '
-                "inode, size or modification time (is the server on another machine?)"
-            )
-        if max_size is not None and info.st_size > max_size:
-            raise TooLarge(f'"{source}" is {info.st_size} bytes, more than the {max_size}-byte limit')
-        temp_path = store.blobs_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        for method in (REFLINK, HARDLINK, COPY):
-            handle = _place(method, source_fd, temp_path)
-            if handle is not None:
-                return StagedFile(store, temp_path, method, handle)
-        raise AssertionError("a copy always succeeds or raises")  # pragma: no cover
+        return stage_descriptor(store, source_fd, f'"{source}"', max_size)
     finally:
         os.close(source_fd)
+
+
+def stage_descriptor(store: BlobStore, source_fd: int, label: str, max_size: int | None = None,
+                     methods: tuple[str, ...] = (REFLINK, HARDLINK, COPY)) -> StagedFile:
+    """Place the open regular file `source_fd` in the blobs directory under a locked temporary name,
+    by the first of `methods` that works here (COPY always does, if it is among them). `label`
+    names the file in errors. The caller keeps and closes `source_fd`."""
+    info = os.fstat(source_fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableFile(f"{label} is not a regular file")
+    if max_size is not None and info.st_size > max_size:
+        raise TooLarge(f"{label} is {info.st_size} bytes, more than the {max_size}-byte limit")
+    temp_path = store.blobs_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    for method in methods:
+        handle = _place(method, source_fd, temp_path)
+        if handle is not None:
+            return StagedFile(store, temp_path, method, handle)
+    raise UnreadableFile(f"{label} could not be placed in the blob store by {', '.join(methods)}")
 
 
 def open_regular_file(path: Path) -> int:

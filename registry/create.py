@@ -5,10 +5,11 @@ No HTTP here. `plan_from_request` (the current request shape) and `plan_from_mod
 early-2024 shape, a Modelfile whose FROM names `@sha256:…` blobs) check a request and turn it
 into a `CreatePlan`; `ModelCreator.create` builds the model and yields Ollama's progress messages.
 
-Files are uploaded blobs, named by digest. A client on the server's own machine may name a file
-on the server's disk instead (a path); the server then links it into the blob store rather than
-copying it. A remote client can never make the server open a path, and gets the same answer
-whatever path it names, so it learns nothing about the server's files (CVE-2024-39719/39722).
+Files are blobs already in the store, named by digest: uploaded (`POST /api/blobs/<digest>`) or,
+from the CLI on the server's own machine, handed over as open files (registry/file_handoff.py).
+The server never opens a path a request names: every such path gets the same answer, without
+the filesystem being consulted, so no client learns what exists on the server or what a file
+holds (CVE-2024-39719, CVE-2024-39722).
 
 Every check that can fail without reading weights runs before the first progress message, so
 such errors get their proper HTTP status. GGUF headers are inspected in a child process
@@ -20,19 +21,15 @@ manifest used); a crash before it leaves at most unreferenced blobs.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from registry import gguf, modelfile_request, options
-from registry.adopt import COPY, HARDLINK, REFLINK, FileIdentity, StagedFile, open_regular_file, stage
 from registry.builder import ModelBuilder
 from registry.digest import Digest
-from registry.errors import InvalidInput, ModelNotFound, TooLarge
+from registry.errors import InvalidInput, ModelNotFound
 from registry.library import Library
 from registry.manifest import (
     LICENSE_LAYER,
@@ -49,20 +46,18 @@ from registry.modelfile import parse as parse_modelfile
 from registry.names import ModelName
 from registry.options import OptionValues
 
-# A Modelfile is text; anything bigger is a mistake (or /dev/zero).
-MAX_MODELFILE_BYTES = 1024 * 1024
 # The largest file create accepts: far above any GGUF that fits one machine, low enough to stop
 # a stream that never ends. `POST /api/blobs` uses the same bound.
 MAX_BLOB_BYTES = 64 * 1024**3
 
-# The one answer to a remote client that names a server path, whatever the path.
-REMOTE_PATH_REFUSED = (
-    "server-side file paths are accepted only from clients on the server's own machine; upload the "
-    "file's bytes (POST /api/blobs/<digest>) and refer to it by digest, and send a Modelfile's text, "
-    "not its path"
+# The one answer to any request that names a file on the server by its path, whatever the path
+# and whoever asks: the answer must not depend on what is there.
+PATHS_REFUSED = (
+    "the server does not open files by path; upload the file's bytes (POST /api/blobs/<digest>) and "
+    "refer to it by digest, and send a Modelfile's text as \"modelfile\" (berth create does both)"
 )
-
-_PLACED = {REFLINK: "cloned", HARDLINK: "linked", COPY: "copied"}
+# FROM and ADAPTER values that name a file rather than a model.
+_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 class MissingBlob(InvalidInput):
@@ -74,13 +69,10 @@ class MissingBlob(InvalidInput):
 
 @dataclass(frozen=True)
 class FileSource:
-    """One weights file of a request, by its key: an uploaded blob, or a path on the server (with,
-    when the client sent it, what the client saw of the file there)."""
+    """One weights file of a request: its key in `files`/`adapters` and the blob that holds it."""
 
     name: str
-    digest: Digest | None = None
-    path: Path | None = None
-    identity: FileIdentity | None = None
+    digest: Digest
 
 
 @dataclass(frozen=True)
@@ -113,19 +105,15 @@ def plan_from_request(
     messages: Sequence[Mapping[str, Any]] | None = None,
     license: str | Sequence[str] | None = None,
     requires: str | None = None,
-    file_identities: Mapping[str, Mapping[str, int]] | None = None,
-    remote: bool,
 ) -> CreatePlan:
     """Check the current request shape (Ollama 0.5.5+). File values are `sha256:` digests of
-    uploaded blobs; a loopback client (`remote=False`) may give an absolute server path instead,
-    and (Berth's `file_identities`, by path) the device, inode, size and mtime_ns it saw there."""
+    blobs in the store."""
     if not from_ and not files:
         raise InvalidInput("neither 'from' or 'files' was specified")
-    identities = _identities(file_identities)
     return CreatePlan(
         base_model=from_ or None,
-        files=_file_sources(files, remote, identities),
-        adapters=_file_sources(adapters, remote, identities),
+        files=_file_sources(files),
+        adapters=_file_sources(adapters),
         template=template,
         system=system,
         parameters=_parameters(parameters),
@@ -135,39 +123,22 @@ def plan_from_request(
     )
 
 
-def plan_from_modelfile(modelfile: str | None, path: str | None, *, remote: bool) -> CreatePlan:
-    """Check the early-2024 request shape: a Modelfile's text, or (loopback only) its path.
-
-    FROM and ADAPTER may be `@sha256:<hex>` (an uploaded blob), a model name, or for a loopback
-    client a file on the server (absolute, `~`, or relative to the `path` Modelfile's folder).
-    A remote client's FROM values are only ever blobs or model names: the filesystem is not
-    consulted, so a path gets the same "invalid model name" whether or not it exists.
-    """
-    base_dir: Path | None = None
-    if path:
-        if remote:
-            raise InvalidInput(REMOTE_PATH_REFUSED)
-        modelfile_path = Path(path).expanduser()
-        modelfile = _read_small_file(modelfile_path, MAX_MODELFILE_BYTES).decode("utf-8", errors="replace")
-        base_dir = modelfile_path.parent
+def plan_from_modelfile(modelfile: str | None, path: str | None) -> CreatePlan:
+    """Check the early-2024 request shape: a Modelfile's text, whose FROM and ADAPTER values are
+    `@sha256:<hex>` (an uploaded blob) or a model name. Its `path` (the Modelfile's place on the
+    client's disk, which old clients sent beside the text) is never opened: a request with only
+    a path gets PATHS_REFUSED, as does a FROM or ADAPTER that is a path."""
     if modelfile is None:
-        raise InvalidInput("path or modelfile are required")
+        raise InvalidInput(PATHS_REFUSED if path else "path or modelfile are required")
     parsed = parse_modelfile(modelfile)
 
     def locate(value: str) -> tuple[str, FileSource] | None:
         if value.startswith("@"):
             digest = Digest.parse(value[1:])
-            return digest.filename, FileSource(digest.filename, digest=digest)
-        if remote:
-            return None
-        candidate = Path(value).expanduser()
-        if not candidate.is_absolute():
-            if base_dir is None:
-                return None  # no folder to be relative to: a model name
-            candidate = base_dir / candidate
-        if not os.path.lexists(candidate):
-            return None
-        return candidate.name, FileSource(candidate.name, path=candidate)
+            return digest.filename, FileSource(digest.filename, digest)
+        if value.startswith(_PATH_PREFIXES) or value in (".", ".."):
+            raise InvalidInput(PATHS_REFUSED)
+        return None
 
     request = modelfile_request.split(parsed, locate)
     return CreatePlan(
@@ -183,24 +154,13 @@ def plan_from_modelfile(modelfile: str | None, path: str | None, *, remote: bool
     )
 
 
-def _identities(raw: Mapping[str, Mapping[str, int]] | None) -> dict[str, FileIdentity]:
-    try:
-        return {path: FileIdentity(**{key: int(number) for key, number in fields.items()})
-                for path, fields in (raw or {}).items()}
-    except (TypeError, ValueError):
-        raise InvalidInput("file_identities maps a path to its device, inode, size and mtime_ns") from None
-
-
-def _file_sources(values: Mapping[str, str] | None, remote: bool,
-                  identities: Mapping[str, FileIdentity]) -> tuple[FileSource, ...]:
+def _file_sources(values: Mapping[str, str] | None) -> tuple[FileSource, ...]:
     sources: list[FileSource] = []
     for name, value in sorted((values or {}).items()):
         _check_file_key(name)
-        if not remote and isinstance(value, str) and value.startswith("/"):
-            sources.append(FileSource(name, path=Path(value), identity=identities.get(value)))
-        else:
-            # For a remote client every path fails here, with the same message as any bad digest.
-            sources.append(FileSource(name, digest=Digest.parse(value)))
+        if value.startswith(_PATH_PREFIXES):
+            raise InvalidInput(PATHS_REFUSED)
+        sources.append(FileSource(name, Digest.parse(value)))
     return tuple(sources)
 
 
@@ -236,14 +196,6 @@ def _messages(raw: Sequence[Mapping[str, Any]] | None) -> tuple[Message, ...]:
     return tuple(messages)
 
 
-def _read_small_file(path: Path, limit: int) -> bytes:
-    with open(open_regular_file(path), "rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise TooLarge(f'"{path}" is larger than {limit} bytes; a Modelfile is a short text file')
-    return data
-
-
 # ---------------------------------------------------------------------------------------------
 # Building
 
@@ -254,7 +206,6 @@ class _Layer:
 
     descriptor: Descriptor
     text: bytes | None = None  # a text layer still to be written
-    staged: StagedFile | None = None  # a server file still to be published
 
 
 @dataclass
@@ -269,17 +220,12 @@ class ModelCreator:
     """Builds models for create requests. `check_template` raises InvalidInput for a bad template
     (the template engine lives in `server/`, which registry does not import)."""
 
-    def __init__(self, library: Library, check_template: Callable[[str], None] | None = None,
-                 max_file_size: int = MAX_BLOB_BYTES) -> None:
+    def __init__(self, library: Library, check_template: Callable[[str], None] | None = None) -> None:
         self.library = library
         self.check_template = check_template
-        self.max_file_size = max_file_size
 
-    def create(self, name: ModelName, plan: CreatePlan, *, remote: bool) -> Iterator[dict[str, Any]]:
+    def create(self, name: ModelName, plan: CreatePlan) -> Iterator[dict[str, Any]]:
         """Build `plan` as `name`, yielding Ollama's progress messages; the last is `success`."""
-        sources = plan.files + plan.adapters
-        if remote and any(source.path is not None for source in sources):
-            raise InvalidInput(REMOTE_PATH_REFUSED)
         if not plan.base_model and not plan.files:
             raise InvalidInput("neither 'from' or 'files' was specified")
         if len(plan.adapters) > 1:
@@ -289,14 +235,13 @@ class ModelCreator:
         with ExitStack() as cleanup:
             layers, config = self._base(plan.base_model, cleanup)
             kinds = [(source, False) for source in plan.files] + [(source, True) for source in plan.adapters]
-            staged = [self._stage(source, cleanup) for source, _ in kinds]
+            for source, _ in kinds:
+                self._check_blob(source, cleanup)
 
             inspected: list[_Inspected] = []
-            for (source, adapter), placed in zip(kinds, staged):
-                if placed is not None:
-                    yield {"status": f"{_PLACED[placed.method]} {source.name}"}
+            for source, adapter in kinds:
                 yield {"status": "parsing GGUF"}
-                inspected.append(self._inspect(source, adapter, placed, cleanup))
+                inspected.append(self._inspect(source, adapter))
             config = _config(config, [item.info for item in inspected if not item.adapter], plan.requires)
             for item in inspected:
                 if item.adapter:
@@ -337,32 +282,16 @@ class ModelCreator:
         layers = [_Layer(replace(desc, from_=shown)) for desc in manifest.layers]
         return layers, self.library.config(manifest)
 
-    def _stage(self, source: FileSource, cleanup: ExitStack) -> StagedFile | None:
-        """Place a server file in the blob store (unpublished), or check that an uploaded blob is there."""
-        if source.path is not None:
-            return cleanup.enter_context(stage(self.library.blobs, source.path, self.max_file_size, source.identity))
-        assert source.digest is not None
+    def _check_blob(self, source: FileSource, cleanup: ExitStack) -> None:
+        """The request's blob must be in the store; pinned, so no collection removes it meanwhile."""
         cleanup.enter_context(self.library.pinned([source.digest]))
         if not self.library.blobs.exists(source.digest):
             raise MissingBlob(source.digest)
-        return None
 
-    def _inspect(self, source: FileSource, adapter: bool, staged: StagedFile | None,
-                 cleanup: ExitStack) -> _Inspected:
-        if staged is not None:
-            # Hash on this thread while the child process reads the header: two cores, one pass.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-inspect") as pool:
-                header = pool.submit(gguf.inspect_isolated, staged.temp_path)
-                digest = staged.digest()
-                info = header.result()
-            cleanup.enter_context(self.library.pinned([digest]))
-            size = staged.size
-        else:
-            assert source.digest is not None
-            digest = source.digest
-            info = gguf.inspect_isolated(self.library.blob_path(digest))
-            size = self.library.blobs.size(digest)
-        layer = _Layer(Descriptor(info.media_type, digest, size, source.name), staged=staged)
+    def _inspect(self, source: FileSource, adapter: bool) -> _Inspected:
+        info = gguf.inspect_isolated(self.library.blob_path(source.digest))
+        size = self.library.blobs.size(source.digest)
+        layer = _Layer(Descriptor(info.media_type, source.digest, size, source.name))
         return _Inspected(source, adapter, layer, info)
 
     def _with_text_layers(self, layers: list[_Layer], plan: CreatePlan, cleanup: ExitStack) -> list[_Layer]:
@@ -398,17 +327,13 @@ class ModelCreator:
         return value if isinstance(value, dict) else {}
 
     def _write_blobs(self, layers: list[_Layer]) -> set[Digest]:
-        """Write text layers and publish staged files; the digests that were not stored before."""
+        """Write the text layers; the digests that were not stored before."""
         created: set[Digest] = set()
         for layer in layers:
             if layer.text is not None:
                 stored = self.library.blobs.write_bytes(layer.text)
-            elif layer.staged is not None:
-                stored = layer.staged.publish(layer.descriptor.digest)
-            else:
-                continue
-            if stored.created:
-                created.add(stored.digest)
+                if stored.created:
+                    created.add(stored.digest)
         return created
 
 

@@ -22,6 +22,15 @@ class InvalidInput(BerthError):
     """The caller sent something malformed: a bad name, digest, body or option."""
 
 
+class InvalidField(InvalidInput):
+    """One field of a request has the wrong type or an out-of-range value; `field` is its path
+    (`options.num_ctx`, `messages.2.content`), which APIs that name parameters report."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class InvalidName(InvalidInput):
     """A model name breaks the grammar."""
 
@@ -57,6 +66,10 @@ class DigestMismatch(InvalidInput):
 
 class TooLarge(InvalidInput):
     """A body or file is larger than the bound that applies to it."""
+
+
+class Conflict(BerthError):
+    """What a request would make exists already (a live API key of that name)."""
 
 
 class CorruptData(BerthError):

@@ -21,7 +21,7 @@ from sqlalchemy import DateTime, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from registry.catalog.schema import Base
-from registry.errors import BerthError, InvalidInput, NotFound
+from registry.errors import Conflict, InvalidInput, NotFound
 from registry.library import Library, utcnow
 
 SCOPES = ("read", "write", "admin")
@@ -29,7 +29,7 @@ KEY_PREFIX = "berth_"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,79}")
 
 
-class KeyExists(BerthError):
+class KeyExists(Conflict):
     pass
 
 
@@ -92,8 +92,12 @@ class KeyStore:
         scope = parse_scope(scope)
         secret = KEY_PREFIX + secrets.token_urlsafe(30)
         with self.library.session() as session:
-            if session.get(ApiKeyRow, name) is not None:
+            existing = session.get(ApiKeyRow, name)
+            if existing is not None and existing.revoked_at is None:
                 raise KeyExists(f"a key named {name!r} exists; revoke it first or pick another name")
+            if existing is not None:
+                session.delete(existing)  # a revoked key's name is free again
+                session.flush()
             row = ApiKeyRow(name=name, prefix=secret[:12], secret_sha256=_hash(secret), scopes=scope,
                             created_at=utcnow())
             session.add(row)

@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from registry import bounded_json
 from registry.blobstore import BlobStore
 from registry.catalog import database
 from registry.catalog.schema import BlobRow, LayerRow, ManifestRow, TagRow
@@ -131,7 +132,7 @@ class Library:
 
     def json_layer(self, layer: Descriptor) -> Any:
         try:
-            return json.loads(self.blobs.read_bytes(layer.digest, MAX_TEXT_LAYER_BYTES))
+            return bounded_json.decode(self.blobs.read_bytes(layer.digest, MAX_TEXT_LAYER_BYTES))
         except ValueError as exc:
             raise CorruptData(f"layer {layer.digest} is not valid JSON: {exc}") from None
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from registry import bounded_json
 from registry.digest import Digest
 from registry.errors import CorruptData, InvalidInput
 
@@ -88,7 +89,7 @@ class Manifest:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise InvalidInput(f"manifest is {len(raw)} bytes, more than the {MAX_MANIFEST_BYTES}-byte limit")
         try:
-            doc = json.loads(raw)
+            doc = bounded_json.decode(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"manifest is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
@@ -159,7 +160,7 @@ class ModelConfig:
     @classmethod
     def from_bytes(cls, raw: bytes) -> "ModelConfig":
         try:
-            doc = json.loads(raw) if raw else {}
+            doc = bounded_json.decode(raw) if raw else {}
         except ValueError as exc:
             raise CorruptData(f"model config is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):

@@ -36,6 +36,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
+from registry import bounded_json
 from registry.credentials import Credential
 from registry.digest import Digest
 from registry.errors import BerthError, NotFound, TooLarge
@@ -466,7 +467,7 @@ class RegistryClient:
             raise RegistryError(f"token request to {repo.host} answered {response.status_code}")
         body = read_bounded(response, MAX_SMALL_BODY, "token response")
         try:
-            doc = json.loads(body)
+            doc = bounded_json.decode(body)
             token = doc.get("token") or doc.get("access_token")
         except (ValueError, AttributeError):
             token = None
@@ -496,7 +497,7 @@ class RegistryClient:
 def _error_message(body: bytes) -> str:
     """The registry's own words: OCI `{"errors":[{"code","message"}]}` or a short text."""
     try:
-        doc = json.loads(body)
+        doc = bounded_json.decode(body)
         errors = doc.get("errors") if isinstance(doc, dict) else None
         if isinstance(errors, list) and errors:
             return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")

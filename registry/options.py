@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeAlias
 
-from registry.errors import InvalidInput
+from registry.errors import InvalidField, InvalidInput
 
 OptionValue: TypeAlias = int | float | bool | tuple[str, ...]
 
@@ -51,29 +51,62 @@ class OptionSpec:
     kind: OptionKind
     default: OptionValue | None
     runner: bool = False
+    # The values llama.cpp can be given (numbers only; None: no bound that side), and what they
+    # mean, for the error: a value outside them is refused before it reaches a runner.
+    low: int | float | None = None
+    high: int | float | None = None
+    meaning: str = ""
 
+    def check(self, value: OptionValue) -> OptionValue:
+        """`value` if it is within the bounds; InvalidOption naming the option and its range if not."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+                low = "" if self.low is None else f"from {self.low} "
+                high = "up" if self.high is None else f"to {self.high}"
+                raise InvalidOption(self.name, f'option "{self.name}" is {value}; it must be {low}{high}'
+                                               + (f" ({self.meaning})" if self.meaning else ""))
+        elif isinstance(value, tuple):
+            if len(value) > MAX_STOPS or any(len(item) > MAX_STOP_LENGTH for item in value):
+                raise InvalidOption(self.name, f'option "{self.name}" takes at most {MAX_STOPS} strings of at '
+                                               f"most {MAX_STOP_LENGTH} characters each")
+        return value
+
+
+# int32, what llama.cpp's C API takes for counts and token numbers.
+_INT32_MAX = 2**31 - 1
+# Stop strings are matched against the text after every token: their count and length set that cost.
+MAX_STOPS = 64
+MAX_STOP_LENGTH = 1024
+# A context past any model's training, and more threads than any machine has, are mistakes.
+MAX_CONTEXT = 1 << 22
+MAX_THREADS = 1024
 
 _SPECS: tuple[OptionSpec, ...] = (
-    OptionSpec("num_keep", OptionKind.INT, 4),
+    OptionSpec("num_keep", OptionKind.INT, 4, low=-1, high=_INT32_MAX, meaning="-1 keeps the whole prompt"),
     OptionSpec("seed", OptionKind.INT, -1),
-    OptionSpec("num_predict", OptionKind.INT, -1),
-    OptionSpec("top_k", OptionKind.INT, 40),
-    OptionSpec("top_p", OptionKind.FLOAT, 0.9),
-    OptionSpec("min_p", OptionKind.FLOAT, 0.0),
-    OptionSpec("typical_p", OptionKind.FLOAT, 1.0),
-    OptionSpec("repeat_last_n", OptionKind.INT, 64),
+    OptionSpec("num_predict", OptionKind.INT, -1, low=-2, high=_INT32_MAX,
+               meaning="-1: no limit, -2: fill the context"),
+    OptionSpec("top_k", OptionKind.INT, 40, low=0, high=_INT32_MAX, meaning="0 turns it off"),
+    OptionSpec("top_p", OptionKind.FLOAT, 0.9, low=0.0, high=1.0),
+    OptionSpec("min_p", OptionKind.FLOAT, 0.0, low=0.0, high=1.0),
+    OptionSpec("typical_p", OptionKind.FLOAT, 1.0, low=0.0, high=1.0),
+    OptionSpec("repeat_last_n", OptionKind.INT, 64, low=-1, high=_INT32_MAX,
+               meaning="-1: the whole context, 0: off"),
     OptionSpec("temperature", OptionKind.FLOAT, 0.8),
     OptionSpec("repeat_penalty", OptionKind.FLOAT, 1.0),
     OptionSpec("presence_penalty", OptionKind.FLOAT, 0.0),
     OptionSpec("frequency_penalty", OptionKind.FLOAT, 0.0),
     OptionSpec("stop", OptionKind.STRING_LIST, ()),
-    OptionSpec("num_ctx", OptionKind.INT, None, runner=True),
-    OptionSpec("num_batch", OptionKind.INT, 512, runner=True),
-    OptionSpec("num_gpu", OptionKind.INT, -1, runner=True),
-    OptionSpec("main_gpu", OptionKind.INT, None, runner=True),
+    OptionSpec("num_ctx", OptionKind.INT, None, runner=True, low=0, high=MAX_CONTEXT,
+               meaning="0: the default; more than the model was trained for is cut to that"),
+    OptionSpec("num_batch", OptionKind.INT, 512, runner=True, low=1, high=MAX_CONTEXT),
+    OptionSpec("num_gpu", OptionKind.INT, -1, runner=True, low=-1, high=_INT32_MAX,
+               meaning="-1: as many layers as fit"),
+    OptionSpec("main_gpu", OptionKind.INT, None, runner=True, low=0, high=255),
     OptionSpec("use_mmap", OptionKind.BOOL, None, runner=True),
-    OptionSpec("num_thread", OptionKind.INT, 0, runner=True),
-    OptionSpec("draft_num_predict", OptionKind.INT, 4, runner=True),
+    OptionSpec("num_thread", OptionKind.INT, 0, runner=True, low=0, high=MAX_THREADS,
+               meaning="0: one per physical core"),
+    OptionSpec("draft_num_predict", OptionKind.INT, 4, runner=True, low=0, high=1024),
 )
 
 OPTION_SPECS: Mapping[str, OptionSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
@@ -107,11 +140,11 @@ DEPRECATED_OPTIONS: frozenset[str] = frozenset(
 """Retired option names: accepted anywhere, reported as ignored, never applied."""
 
 
-class InvalidOption(InvalidInput):
-    """An option or parameter has an unknown name or a value of the wrong type."""
+class InvalidOption(InvalidField):
+    """An option or parameter has an unknown name, a value of the wrong type or out of range."""
 
     def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"options.{option}", message)
         self.option = option
 
 
@@ -221,7 +254,7 @@ def parse_options(raw: Mapping[str, object] | None) -> ParsedOptions:
             continue
         if value is None:
             continue
-        values[name] = _from_json(spec, value)
+        values[name] = spec.check(_from_json(spec, value))
     return ParsedOptions(OptionValues(values), tuple(ignored))
 
 
@@ -280,6 +313,11 @@ def parse_parameter(name: str, value: str) -> OptionValue:
         if name in DEPRECATED_OPTIONS:
             raise InvalidOption(name, f"parameter '{name}' is deprecated and has no effect any more; remove it")
         raise InvalidOption(name, f"unknown parameter '{name}'")
+    return spec.check(_from_text(spec, value))
+
+
+def _from_text(spec: OptionSpec, value: str) -> OptionValue:
+    name = spec.name
     if spec.kind is OptionKind.STRING_LIST:
         return (value,)
     if spec.kind is OptionKind.BOOL:

@@ -50,6 +50,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from registry import bounded_json
 from registry.digest import Digest
 from registry.errors import BerthError, InvalidInput
 from registry.manifest import MANIFEST_TYPES, OCI_MANIFEST
@@ -108,10 +109,10 @@ def key_id(key: Ed25519PublicKey) -> str:
 def verify_envelope(raw: bytes, digest: Digest, trusted: list[Ed25519PublicKey]) -> str | None:
     """The id of the trusted key that signed `digest` in this envelope, or None."""
     try:
-        doc = json.loads(raw)
+        doc = bounded_json.decode(raw)
         payload = base64.b64decode(doc["payload"], validate=True)
         signature = base64.b64decode(doc["signature"], validate=True)
-        claims = json.loads(payload)
+        claims = bounded_json.decode(payload)
         signed = claims["critical"]["image"]["docker-manifest-digest"]
         kind = claims["critical"]["type"]
     except (ValueError, KeyError, TypeError, binascii.Error):
@@ -171,7 +172,7 @@ class Signatures:
         if response.headers.get("oci-subject") != str(subject):
             # No referrers API here: the tag schema is how verifiers will find it, with the
             # signatures it already holds (another signer's push of the same model) kept.
-            tagged = self._with_tagged(repo, subject, json.loads(manifest))
+            tagged = self._with_tagged(repo, subject, bounded_json.decode(manifest))
             response = self.client.request("PUT", repo.manifest_url(signature_tag(subject)), repo, scope,
                                            headers=headers, content=tagged, ok=(200, 201, 202))
             response.close()
@@ -185,7 +186,7 @@ class Signatures:
         layers: list[Any] = []
         if raw is not None:
             try:
-                held = json.loads(raw)
+                held = bounded_json.decode(raw)
                 ours = (held.get("artifactType") == SIGNATURE_TYPE
                         and held.get("subject", {}).get("digest") == str(subject))
                 layers = [layer for layer in held.get("layers", []) if layer.get("mediaType") == SIGNATURE_TYPE]
@@ -209,7 +210,7 @@ class Signatures:
         found: list[bytes] = []
         for raw in manifests:
             try:
-                doc = json.loads(raw)
+                doc = bounded_json.decode(raw)
                 layers = [layer for layer in doc.get("layers", []) if layer.get("mediaType") == SIGNATURE_TYPE]
                 if doc.get("subject", {}).get("digest") != str(subject):
                     continue
@@ -236,7 +237,7 @@ class Signatures:
         if raw is None:
             return []
         try:
-            doc = json.loads(raw)
+            doc = bounded_json.decode(raw)
             if doc.get("mediaType", OCI_INDEX) != OCI_INDEX:
                 return []
             refs = [m["digest"] for m in doc.get("manifests", []) if m.get("artifactType") == SIGNATURE_TYPE]

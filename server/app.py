@@ -78,6 +78,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     context = open_context(settings)
+    context.start_handoff()
     # In the background: start-up is not held up by loading llama.cpp in the probe process.
     threading.Thread(target=log_devices, name="gpu-probe", daemon=True).start()
     if settings.keys_required and not context.keys.any_keys():

@@ -39,7 +39,6 @@ import codecs
 import ctypes
 import logging
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -507,7 +506,7 @@ class BatchEngine:
         if options.temperature == 0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
-            seed = options.seed if options.seed >= 0 else random.randint(0, 2**31 - 1)
+            seed = options.sampler_seed()
             add(chain, llama_cpp.llama_sampler_init_top_k(options.top_k))
             add(chain, llama_cpp.llama_sampler_init_typical(options.typical_p, 1))
             add(chain, llama_cpp.llama_sampler_init_top_p(options.top_p, 1))

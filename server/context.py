@@ -14,6 +14,7 @@ from server.scheduler import Scheduler
 from server.settings import Settings
 
 if TYPE_CHECKING:
+    from registry.file_handoff import HandoffServer
     from registry.transfers import Transfers
 
 
@@ -25,6 +26,8 @@ class AppContext:
     inference: Inference
     keys: KeyStore
     metrics: Metrics
+    # Files handed over by clients on this machine (registry/file_handoff.py); `serve` starts it.
+    handoff: "HandoffServer | None" = None
     _transfers: "Transfers | None" = field(default=None, init=False, repr=False)
     _transfers_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -45,7 +48,17 @@ class AppContext:
                               load_timeout=settings.load_timeout, metrics=metrics)
         return cls(settings, library, scheduler, Inference(library, scheduler, settings), KeyStore(library), metrics)
 
+    def start_handoff(self) -> None:
+        """Listen for handed files where the platform allows it (Linux)."""
+        from registry.create import MAX_BLOB_BYTES
+        from registry.file_handoff import HandoffServer, supported
+
+        if supported() and self.handoff is None:
+            self.handoff = HandoffServer(self.library.blobs, MAX_BLOB_BYTES)
+
     async def aclose(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
         await self.scheduler.shutdown()
         with self._transfers_lock:
             if self._transfers is not None:

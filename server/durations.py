@@ -12,6 +12,8 @@ import re
 from registry.errors import InvalidInput
 
 FOREVER = math.inf
+# Go's time.Duration holds at most 2**63 - 1 nanoseconds (about 292 years); Ollama cannot take more.
+MAX_SECONDS = (2**63 - 1) / 1e9
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
@@ -53,7 +55,7 @@ def parse_keep_alive(value: object, default: float) -> float:
         seconds = parse_go_duration(value.strip())
     else:
         raise InvalidInput(f"keep_alive: Unsupported type {type(value).__name__}; use seconds or a duration like \"5m\"")
-    return FOREVER if seconds < 0 else seconds
+    return _keep_alive_seconds(seconds, value)
 
 
 def parse_env_keep_alive(value: str | None) -> float:
@@ -65,4 +67,11 @@ def parse_env_keep_alive(value: str | None) -> float:
         seconds = float(text)
     except ValueError:
         seconds = parse_go_duration(text)
+    return _keep_alive_seconds(seconds, value)
+
+
+def _keep_alive_seconds(seconds: float, value: object) -> float:
+    if not abs(seconds) <= MAX_SECONDS:  # also NaN
+        raise InvalidInput(f"keep_alive: {value!r} is longer than a duration can be (about 292 years); "
+                           "use a negative value to keep the model loaded for ever")
     return FOREVER if seconds < 0 else seconds

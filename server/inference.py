@@ -6,25 +6,29 @@ options, prompts and statistics is decided here, so it can be tested without a s
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import dataclasses
-import binascii
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 from registry import options as option_table
-from registry.errors import InvalidInput, ModelNotFound
+from registry.errors import InvalidField, InvalidInput, ModelNotFound
 from registry.library import Library
 from registry.manifest import ADAPTER_LAYER, MODEL_LAYER, PROJECTOR_LAYER
 from server import jinja_prompt
 from server import prompt as prompts
 from server import tools as tool_calls
+from server.crash_guard import Caller, CrashGuard, fingerprint
+from server.images import MAX_IMAGES, check_images
 from server.models import ModelView, view
 from server.runner import AUTO_SLOTS, LoadSpec, take_logprobs
+from server.runner_client import RunnerDied
 from server.scheduler import Lease, ModelRef, Scheduler
 from server.settings import Settings
 
@@ -75,16 +79,6 @@ class Plan:
     keep_alive: float | None
 
 
-def decode_images(images: list[str] | None) -> tuple[bytes, ...]:
-    out: list[bytes] = []
-    for i, text in enumerate(images or []):
-        try:
-            out.append(base64.b64decode(text, validate=True))
-        except (binascii.Error, ValueError):
-            raise InvalidInput(f"image {i} is not valid base64") from None
-    return tuple(out)
-
-
 def debug_render(model: str, key: str, empty: Any, rendered: str, images: int) -> dict[str, Any]:
     """`_debug_render_only`'s one answer: the prompt as it would go to the model, nothing generated."""
     info: dict[str, Any] = {"rendered_template": rendered}
@@ -115,6 +109,7 @@ class Inference:
         self.library = library
         self.scheduler = scheduler
         self.settings = settings
+        self.crashes = CrashGuard()
         # What each requested name resolved to, and the catalog version it was read at: reading
         # a model's tag, manifest and layers was half of the API's own work per request.
         self._resolved: dict[str, tuple[int, Resolved]] = {}
@@ -173,11 +168,13 @@ class Inference:
             adapter_paths=resolved.adapter_paths,
             projector_path=resolved.projector_path,
             num_ctx=num_ctx,
-            num_batch=int(merged.get("num_batch", 512)),
+            # A batch longer than the context is never filled; llama.cpp would still allocate for it.
+            num_batch=min(int(merged.get("num_batch", 512)), num_ctx),
             num_gpu=int(merged.get("num_gpu", -1)),
             main_gpu=int(merged.get("main_gpu", 0) or 0),
             use_mmap=merged.get("use_mmap") if isinstance(merged.get("use_mmap"), bool) else None,
-            num_thread=int(merged.get("num_thread", 0) or 0),
+            # More threads than CPUs only make them wait for each other (1024 took 30 s for 4 tokens).
+            num_thread=min(int(merged.get("num_thread", 0) or 0), len(os.sched_getaffinity(0))),
             batch_slots=(self.settings.num_parallel or AUTO_SLOTS) if self.settings.batching else 0,
             flash_attn=self.settings.flash_attention,
             deterministic=self.settings.deterministic,
@@ -202,11 +199,24 @@ class Inference:
 
     # -- generation -----------------------------------------------------------------------------
 
-    async def run(self, lease: Lease, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def run(self, lease: Lease, payload: dict[str, Any], caller: Caller) -> AsyncIterator[dict[str, Any]]:
         """Stream runner messages for one generation while holding a slot."""
         async with lease:
-            async for message in lease.runner.stream("generate", payload):
-                yield message
+            async with self._guarded(lease, "generate", payload, caller):
+                async for message in lease.runner.stream("generate", payload):
+                    yield message
+
+    @contextlib.asynccontextmanager
+    async def _guarded(self, lease: Lease, op: str, payload: dict[str, Any], caller: Caller) -> AsyncIterator[None]:
+        """Refuse a request that kept killing runners; record it when its runner dies under it."""
+        model = lease.loaded.ref.name.display
+        request = fingerprint(op, payload)
+        self.crashes.check(model, caller.client, request, caller.request_id)
+        try:
+            yield
+        except RunnerDied:
+            self.crashes.record(model, caller.client, request, caller.request_id)
+            raise
 
     async def count_tokens(self, lease: Lease, text: str) -> int:
         result = await lease.runner.call("tokenize", {"text": text})
@@ -216,11 +226,14 @@ class Inference:
         result = await lease.runner.call("detokenize", {"tokens": tokens})
         return str(result["text"])
 
-    async def embed(self, plan: Plan, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int, int]:
+    async def embed(self, plan: Plan, inputs: list[str], truncate: bool,
+                    caller: Caller) -> tuple[list[list[float]], int, int]:
         """Raw (un-normalised) vectors, the token count and the load duration."""
         lease = await self.scheduler.acquire(plan.ref, plan.keep_alive)
+        payload = {"inputs": inputs, "truncate": truncate}
         async with lease:
-            result = await lease.runner.call("embed", {"inputs": inputs, "truncate": truncate})
+            async with self._guarded(lease, "embed", payload, caller):
+                result = await lease.runner.call("embed", payload)
         return result["embeddings"], int(result.get("prompt_eval_count", 0)), lease.load_duration_ns
 
 
@@ -276,6 +289,7 @@ class GenerateInput:
     truncate: bool = True
     think: bool | str | None = None
     outputs: OutputOptions = OutputOptions()
+    caller: Caller = Caller()
 
 
 @dataclass(frozen=True)
@@ -291,6 +305,19 @@ class ChatInput:
     # Berth's addition (the REPL's `/set template`): a template for this request only.
     template: str | None = None
     outputs: OutputOptions = OutputOptions()
+    caller: Caller = Caller()
+
+
+def check_token_ids(tokens: tuple[int, ...] | list[int], n_vocab: Any, field: str) -> None:
+    """Token ids from a client must exist in the model's vocabulary: llama.cpp aborts the whole
+    runner on one that does not."""
+    if not isinstance(n_vocab, int):
+        return  # the runner checks them itself too
+    for index, token in enumerate(tokens):
+        if not 0 <= token < n_vocab:
+            raise InvalidField(f"{field}.{index}", f'"{field}" holds token id {token} at position {index}, which is '
+                                                   f"not in this model's vocabulary (0 to {n_vocab - 1}); send back "
+                                                   "the context a response of this model returned")
 
 
 THINK_LEVELS = ("low", "medium", "high", "max")
@@ -307,13 +334,37 @@ def check_think(value: Any, resolved: "Resolved") -> bool | str | None:
     return value
 
 
+# A JSON Schema becomes a llama.cpp grammar that spells out every repetition a count asks for:
+# `minItems: 100000` made a grammar that took seconds to build and every token longer to sample.
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_COUNT = 1024
+_SCHEMA_COUNTS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+                            "minContains", "maxContains"})
+
+
 def check_format(value: Any) -> Any:
-    """`format`: absent, "" or null = free text; "json"; or a JSON Schema object."""
+    """`format`: absent, "" or null = free text; "json"; or a JSON Schema object, bounded in size
+    and in the counts it asks for."""
     if value in (None, ""):
         return None
-    if value == "json" or isinstance(value, dict):
+    if value == "json":
         return value
-    raise InvalidInput(f'invalid format: {value!r}; expected "json" or a valid JSON Schema object')
+    if not isinstance(value, dict):
+        raise InvalidInput(f'invalid format: {value!r}; expected "json" or a valid JSON Schema object')
+    if len(json.dumps(value)) > MAX_SCHEMA_BYTES:
+        raise InvalidField("format", f"invalid format: the JSON schema is over {MAX_SCHEMA_BYTES} bytes; simplify it")
+    pending: list[Any] = [value]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if key in _SCHEMA_COUNTS and isinstance(item, (int, float)) and item > MAX_SCHEMA_COUNT:
+                    raise InvalidField("format", f'invalid format: "{key}" is {item}; a schema that constrains '
+                                                 f"generation may ask for at most {MAX_SCHEMA_COUNT}")
+                pending.append(item)
+        elif isinstance(node, list):
+            pending.extend(node)
+    return value
 
 
 class Generation:
@@ -348,7 +399,7 @@ class Generation:
         payload = {"prompt": text, "options": plan.sampling, "format": fmt, "images": list(images),
                    "add_bos": True, **request.outputs.payload()}
         first_token: float | None = None
-        async for message in self.inference.run(lease, payload):
+        async for message in self.inference.run(lease, payload, request.caller):
             if message["type"] == "token":
                 first_token = first_token or (time.perf_counter_ns() - started) / 1e9
                 yield {"model": name, "created_at": now_rfc3339(), "response": message["text"], "done": False,
@@ -383,6 +434,7 @@ class Generation:
             rendered = prompts.render_chat(template, messages, think=think)
             text, images = rendered.text, tuple(rendered.images)
         if request.context:
+            check_token_ids(request.context, lease.runner.info.get("n_vocab"), "context")
             text = await self.inference.detokenize(lease, list(request.context)) + text
         return text, images
 
@@ -395,6 +447,8 @@ class Generation:
         think = check_think(request.think, resolved)
         if request.tools and "tools" not in tool_calls.capabilities_from_template(resolved.template):
             raise InvalidInput(f"{resolved.view.stored.name} does not support tools")
+        if sum(len(message.images) for message in request.messages) > MAX_IMAGES:
+            raise InvalidInput(f"the messages carry more than {MAX_IMAGES} images, the limit for one request")
         for message in request.messages:
             self._check_images(resolved, message.images)
         plan = self.inference.plan(resolved, request.options, request.keep_alive)
@@ -434,7 +488,7 @@ class Generation:
             return {"model": name, "created_at": now_rfc3339(), "message": message, "done": False}
 
         first_token: float | None = None
-        async for message in self.inference.run(lease, payload):
+        async for message in self.inference.run(lease, payload, request.caller):
             if message["type"] == "token":
                 first_token = first_token or (time.perf_counter_ns() - started) / 1e9
                 logprobs.extend(message.get("logprobs", ()))
@@ -489,3 +543,4 @@ class Generation:
                 f'"{resolved.name}" does not support images: it has no vision projector layer; '
                 "use a multimodal model or remove the images"
             )
+        check_images(images)

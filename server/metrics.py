@@ -65,6 +65,7 @@ class MetricsMiddleware:
             return
         incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming[:64] if incoming.isprintable() and incoming else secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id  # for logs that name the request
         status = 500
         started = time.perf_counter()
 

@@ -48,10 +48,13 @@ class ModelView:
         if manifest.layers_of(MODEL_LAYER):
             caps.append("completion")
         if self.template:
-            parsed = templates.parse(self.template)
-            if parsed.uses("Tools"):
+            try:
+                parsed = templates.parse(self.template)
+            except templates.TemplateError:
+                parsed = None  # stored before a limit it passes: it can do nothing until recreated
+            if parsed is not None and parsed.uses("Tools"):
                 caps.append("tools")
-            if parsed.uses("Suffix"):
+            if parsed is not None and parsed.uses("Suffix"):
                 caps.append("insert")
         if manifest.layers_of(PROJECTOR_LAYER):
             caps.append("vision")

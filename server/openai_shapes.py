@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry import bounded_json
 from registry.errors import InvalidInput
 from registry.library import StoredModel
 from server.inference import ChatInput, GenerateInput, OutputOptions
@@ -38,10 +39,11 @@ ENCODING_FORMATS = ("float", "base64")
 # -- errors ----------------------------------------------------------------------------------------
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    """OpenAI's error envelope; clients pick the exception class from the status and `type`."""
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope; clients pick the exception class from the status and `type`, and
+    `param` names the request field that was wrong."""
     kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 # -- requests --------------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def _tool_arguments(value: str | dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(value, dict):
         return value
     try:
-        parsed = json.loads(value)
+        parsed = bounded_json.decode(value)
     except ValueError:
         raise InvalidInput("invalid tool call arguments") from None
     if not isinstance(parsed, dict):

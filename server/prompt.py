@@ -7,22 +7,27 @@ Pure functions over immutable values; no I/O. The flow for a chat request:
     prompt = render_chat(model.template, kept, tools=..., think=...)              # §6.2/6.4/6.5
 
 and for generate, `generate_messages` builds the message list (§6.4, last paragraph), or
-`render_suffix` renders fill-in-the-middle prompts (§6.3).
+`render_suffix` renders fill-in-the-middle prompts (§6.3). `check_template` vets a template
+before a model or request uses it.
+
+Templates are untrusted: each prompt renders within server.template's limits (one budget for
+all the executions of a legacy template), and a template over one is a PromptError, a 400.
 
 Public API: `IMAGE_TOKENS`, `ChatMessage`, `PromptModel`, `RenderedPrompt`, `PromptError`, `ThinkSetting`,
-`chat_messages`, `generate_messages`, `render_chat`, `render_suffix`, `fit_messages`,
+`chat_messages`, `check_template`, `generate_messages`, `render_chat`, `render_suffix`, `fit_messages`,
 `fit_messages_async`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from registry.errors import InvalidInput
-from server.template import GoStruct, JSONValue, Template, TemplateError, parse
+from server.template import Budget, GoStruct, JSONValue, Template, TemplateError, parse
 from server.tools import ToolCall, tools_for_template
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "RenderedPrompt",
     "ThinkSetting",
     "chat_messages",
+    "check_template",
     "fit_messages",
     "fit_messages_async",
     "generate_messages",
@@ -48,10 +54,12 @@ ThinkSetting = bool | str | None  # the request's `think`: unset, true/false, or
 
 
 class PromptError(InvalidInput):
-    """The model's (or the request's) template failed to parse or to execute."""
+    """The model's (or the request's) template failed to parse or to execute. `limit` names the
+    limit it passed, if that is why (e.g. "MAX_TEMPLATE_STEPS")."""
 
-    def __init__(self, error: TemplateError) -> None:
+    def __init__(self, error: TemplateError | str, limit: str | None = None) -> None:
         super().__init__(f"template error: {error}")
+        self.limit = error.limit if isinstance(error, TemplateError) else limit
 
 
 @dataclass(frozen=True)
@@ -153,9 +161,9 @@ def _load(template_text: str) -> Template:
     return template
 
 
-def _execute(template: Template, values: Mapping[str, Any]) -> str:
+def _execute(template: Template, values: Mapping[str, Any], budget: Budget) -> str:
     try:
-        return template.execute(values)
+        return template.execute(values, budget)
     except TemplateError as error:
         raise PromptError(error) from error
 
@@ -215,23 +223,25 @@ class _Renderer:
             _think_values(think),
         )
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
+    def render(self, messages: Sequence[ChatMessage], budget: Budget | None = None) -> str:
+        """One prompt, within `budget` (by default a full one of its own)."""
+        budget = Budget() if budget is None else budget
         system, collated = _collate(messages)
         if self.messages_mode:
             return _execute(self.template, {
                 "System": system, "Messages": [message.template_value() for message in collated],
                 "Tools": self.tools, "Response": "", **self.think,
-            })
-        return self._render_legacy(collated)
+            }, budget)
+        return self._render_legacy(collated, budget)
 
-    def _render_legacy(self, collated: Sequence[ChatMessage]) -> str:
+    def _render_legacy(self, collated: Sequence[ChatMessage], budget: Budget) -> str:
         """Spec §6.4: one render per (system, prompt, response) turn, the last one cut right
         after `.Response` so the model writes there, with a final assistant text as prefill."""
         out: list[str] = []
         slots = {"System": "", "Prompt": "", "Response": ""}
 
         def flush() -> None:
-            out.append(_execute(self.template, {**slots, **self.think}))
+            out.append(_execute(self.template, {**slots, **self.think}, budget))
             slots.update(System="", Prompt="", Response="")
 
         for message in collated:
@@ -245,7 +255,7 @@ class _Renderer:
                 slots["Prompt"] = message.content
             elif message.role == "assistant":
                 slots["Response"] = message.content
-        out.append(_execute(self.last_turn, {**slots, **self.think}))
+        out.append(_execute(self.last_turn, {**slots, **self.think}, budget))
         return "".join(out)
 
 
@@ -268,7 +278,73 @@ def render_suffix(template_text: str, prompt: str, suffix: str, *, think: ThinkS
     template is rendered as a conversation with no messages, as Ollama does."""
     if not (prompt and suffix):
         return render_chat(template_text, [], think=think).text
-    return _execute(_load(template_text), {"Prompt": prompt, "Suffix": suffix, "Response": "", **_think_values(think)})
+    return _render_infill(_load(template_text), prompt, suffix, think, Budget())
+
+
+def _render_infill(template: Template, prompt: str, suffix: str, think: ThinkSetting, budget: Budget) -> str:
+    return _execute(template, {"Prompt": prompt, "Suffix": suffix, "Response": "", **_think_values(think)}, budget)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a template before use
+
+_SAMPLE_CALL = ToolCall(id="call_0", name="get_weather", arguments={"city": "Paris", "unit": "celsius"})
+_SAMPLE_MESSAGES = (
+    ChatMessage("system", "You are a helpful assistant."),
+    ChatMessage("user", "What is the weather in Paris?"),
+    ChatMessage("assistant", "", tool_calls=(_SAMPLE_CALL,), thinking="The user wants the weather."),
+    ChatMessage("tool", "22 degrees", tool_name="get_weather", tool_call_id="call_0"),
+    ChatMessage("assistant", "It is 22 degrees in Paris.", thinking="Report it."),
+    ChatMessage("user", "Thanks! And tomorrow?"),
+)
+_SAMPLE_TOOLS: tuple[Mapping[str, Any], ...] = ({
+    "type": "function",
+    "function": {
+        "name": "get_weather", "description": "Get the weather in a city",
+        "parameters": {
+            "type": "object", "required": ["city"],
+            "properties": {
+                "city": {"type": "string", "description": "The city"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+        },
+    },
+},)
+# (tools, think) pairs: a plain chat, thinking, and tools with a thinking level.
+_SAMPLE_SETTINGS: tuple[tuple[Sequence[Any] | None, ThinkSetting], ...] = (
+    (None, None), (None, True), (_SAMPLE_TOOLS, "high"),
+)
+
+
+def check_template(template_text: str) -> None:
+    """Refuse a template a model could not render: one that does not parse, or that passes one
+    of server.template's limits (size, nesting, template calls, steps, output) while rendering a
+    small conversation (system, user, an assistant tool call with thinking, its result, a reply,
+    a user turn) as a plain chat, with thinking, and with tools, and, when the template reads
+    .Suffix, a fill-in-the-middle prompt. One budget covers all of these, so a hostile template
+    costs no more to check than one prompt. Raises PromptError (an InvalidInput) naming the limit.
+
+    Other execution errors pass, as Ollama checks only that a template parses: a template may
+    fail on this sample and still work for the requests its model gets (chat reports those).
+    """
+    template = _load(template_text)
+    budget = Budget()
+    for tools, think in _SAMPLE_SETTINGS:
+        renderer = _Renderer.prepare(template_text, tools, think)
+        with _failing_only_over_a_limit():
+            renderer.render(_SAMPLE_MESSAGES, budget)
+    if "suffix" in {name.lower() for name in template.identifiers()}:
+        with _failing_only_over_a_limit():
+            _render_infill(template, "def add(a, b):", "    return c", None, budget)
+
+
+@contextmanager
+def _failing_only_over_a_limit() -> Iterator[None]:
+    try:
+        yield
+    except PromptError as error:
+        if error.limit is not None:
+            raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,11 @@ class SamplingOptions:
     num_keep: int = 4  # tokens (after BOS) a context shift never discards
     stop: tuple[str, ...] = ()
 
+    def sampler_seed(self) -> int:
+        """The seed llama.cpp's sampler takes (a uint32, as Go's conversion makes Ollama's int64
+        one); a random one for a negative seed."""
+        return self.seed & 0xFFFFFFFF if self.seed >= 0 else random.randint(0, 2**31 - 1)
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "SamplingOptions":
         """Ollama's option names are the field names; an absent option keeps its default above."""
@@ -359,11 +364,11 @@ class _Runner:
             elif op == "embed":
                 self.embed(message)
             elif op == "tokenize":
-                tokens = self.llm.tokenize(message["text"].encode(), add_bos=message.get("add_bos", True),
-                                           special=True)
+                tokens = self.llm.tokenize(message["text"].encode(errors="replace"),
+                                           add_bos=message.get("add_bos", True), special=True)
                 self.send({"id": job_id, "type": "result", "tokens": list(tokens)})
             elif op == "detokenize":
-                text = self.llm.detokenize(message["tokens"]).decode("utf-8", errors="replace")
+                text = self.llm.detokenize(self.known_tokens(message["tokens"])).decode("utf-8", errors="replace")
                 self.send({"id": job_id, "type": "result", "text": text})
             else:
                 self.send({"id": job_id, "type": "error", "message": f"unknown runner operation {op!r}"})
@@ -379,10 +384,10 @@ class _Runner:
         job_id: int = message["id"]
         try:
             if message.get("tokens") is not None:
-                tokens = list(message["tokens"])
+                tokens = self.known_tokens(message["tokens"])
             else:
-                tokens = list(self.llm.tokenize(message["prompt"].encode(), add_bos=message.get("add_bos", True),
-                                                special=True))
+                tokens = list(self.llm.tokenize(message["prompt"].encode(errors="replace"),
+                                                add_bos=message.get("add_bos", True), special=True))
             grammar = self.grammar_for(message.get("format"))
         except InputError as exc:
             self.send({"id": job_id, "type": "error", "kind": "input", "message": str(exc)})
@@ -421,10 +426,10 @@ class _Runner:
         if message.get("images"):
             raise InputError("images cannot be read by this runner (a model with an adapter layer reads text only)")
         if message.get("tokens") is not None:
-            tokens = list(message["tokens"])
+            tokens = self.known_tokens(message["tokens"])
         else:
-            tokens = list(llm.tokenize(message["prompt"].encode(), add_bos=message.get("add_bos", True),
-                                       special=True))
+            tokens = list(llm.tokenize(message["prompt"].encode(errors="replace"),
+                                       add_bos=message.get("add_bos", True), special=True))
         n_ctx = llm.n_ctx()
         if len(tokens) >= n_ctx:
             raise InputError(
@@ -433,7 +438,7 @@ class _Runner:
             )
         grammar = self.grammar_for(message.get("format"))
         sampling = SamplingOptions.from_options(opts)
-        llm.set_seed(sampling.seed if sampling.seed >= 0 else random.randint(0, 2**31 - 1))
+        llm.set_seed(sampling.sampler_seed())
         num_predict = sampling.num_predict
         stops = list(sampling.stop)
         repeat_last_n = sampling.repeat_last_n
@@ -522,6 +527,15 @@ class _Runner:
             "tokens": tokens + stats.tokens,
         })
 
+    def known_tokens(self, tokens: Any) -> list[int]:
+        """Token ids a request gave, each checked against the vocabulary: llama.cpp aborts the
+        process on an id it does not have (the API checks first; this holds for any caller)."""
+        n_vocab = self.llm.n_vocab()
+        checked = [token for token in tokens if isinstance(token, int) and 0 <= token < n_vocab]
+        if len(checked) != len(tokens):
+            raise InputError(f"token ids must be between 0 and {n_vocab - 1}, this model's vocabulary")
+        return checked
+
     def token_logprobs(self, token: int, top_n: int) -> dict[str, Any]:
         """The logprob entry of the token just sampled, from the last logits row."""
         llm = self.llm
@@ -550,7 +564,7 @@ class _Runner:
         counts = 0
         started = time.perf_counter_ns()
         for text in message["inputs"]:
-            tokens = embedder.tokenize(text.encode(), add_bos=True, special=True)
+            tokens = embedder.tokenize(text.encode(errors="replace"), add_bos=True, special=True)
             if len(tokens) > limit:
                 if not message.get("truncate", True):
                     raise InputError("the input length exceeds the context length")
@@ -683,5 +697,6 @@ def runner_main(conn: Connection, spec: LoadSpec) -> None:
         "n_gpu_layers": runner.n_gpu_layers,
         "slots": runner.slots,  # generations served at once (the scheduler admits this many)
         "pid": os.getpid(),
+        "n_vocab": llm.n_vocab(),  # token ids a request may carry (generate's context)
     })
     runner.serve()

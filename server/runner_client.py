@@ -27,6 +27,10 @@ class RunnerError(BerthError):
     """The runner failed to load, crashed, or reported an error for a request."""
 
 
+class RunnerDied(RunnerError):
+    """The runner process ended while the request was in flight."""
+
+
 @dataclass
 class _Pending:
     loop: asyncio.AbstractEventLoop
@@ -123,6 +127,8 @@ class RunnerProcess:
                     finished = True
                     if message.get("kind") == "input":
                         raise InvalidInput(message.get("message", "invalid request"))
+                    if message.get("kind") == "died":
+                        raise RunnerDied(message.get("message", "the runner died"))
                     raise RunnerError(message.get("message", "runner error"))
                 # Finished before the last yield: a consumer that stops there (call() returns at its
                 # result) closes this generator, which must not then cancel a finished request.
@@ -186,8 +192,8 @@ class RunnerProcess:
             waiting = list(self._pending.values())
             self._pending.clear()
         for pending in waiting:
-            error = {"type": "error", "message": f"the runner for {self.label} {reason}; retry the request "
-                                                 "to start it again"}
+            error = {"type": "error", "kind": "died" if reason != "was stopped" else "stopped",
+                     "message": f"the runner for {self.label} {reason}; retry the request to start it again"}
             pending.loop.call_soon_threadsafe(pending.queue.put_nowait, error)
 
 

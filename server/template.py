@@ -19,8 +19,14 @@ Values are plain Python data:
 * `JSONValue` wraps a value whose Go type has a `String()` method returning its JSON (Ollama's
   tool list and tool-call arguments): it prints as compact JSON and is otherwise transparent.
 
-Public API: `render`, `parse`, `Template`, `TemplateError` (with `ParseError` / `ExecError`),
-`JSONValue`, `GoStruct`.
+Templates are untrusted (API clients send them, model files carry them), so parsing and
+executing are bounded by the `MAX_*` limits below, whatever the text and the values: no input
+raises RecursionError or MemoryError or runs unbounded; each failure is a TemplateError, and one
+from a limit names it (`TemplateError.limit`).
+
+Public API: `render`, `parse`, `Template`, `Budget`, `TemplateError` (with `ParseError` /
+`ExecError`), `JSONValue`, `GoStruct`, and the limits `MAX_TEMPLATE_SIZE`, `MAX_TEMPLATE_DEPTH`,
+`MAX_TEMPLATE_CALL_DEPTH`, `MAX_TEMPLATE_STEPS`, `MAX_TEMPLATE_OUTPUT`, `MAX_VALUE_DEPTH`.
 """
 
 from __future__ import annotations
@@ -34,13 +40,44 @@ import inspect
 import math
 import urllib.parse
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum, auto
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-__all__ = ["ExecError", "GoStruct", "JSONValue", "ParseError", "Template", "TemplateError", "parse", "render"]
+__all__ = [
+    "MAX_TEMPLATE_CALL_DEPTH", "MAX_TEMPLATE_DEPTH", "MAX_TEMPLATE_OUTPUT", "MAX_TEMPLATE_SIZE",
+    "MAX_TEMPLATE_STEPS", "MAX_VALUE_DEPTH", "Budget", "ExecError", "GoStruct", "JSONValue", "ParseError",
+    "Template", "TemplateError", "parse", "render",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+#
+# Go bounds little (parentheses, {{template}} calls) and relies on its growable stacks; this
+# engine recurses in Python and may run while a server waits. Each limit is far above what real
+# chat templates need (a few KB, nesting under 10, thousands of steps per conversation).
+
+MAX_TEMPLATE_SIZE = 256 * 1024  # bytes of template text (UTF-8)
+MAX_TEMPLATE_DEPTH = 100  # nested if/range/with/block/define, else-if links and parentheses, and
+#                           at execution the {{template}} calls on the way; bounds Python's stack
+MAX_TEMPLATE_CALL_DEPTH = 50  # nested {{template}} calls (Go allows 100,000)
+MAX_TEMPLATE_STEPS = 1_000_000  # per prompt, a step being ~1-5 us of work (see _Executor.spend);
+#                                 a chat template spends about 100 per message
+MAX_TEMPLATE_OUTPUT = 16 * 1024 * 1024  # characters per prompt, written or returned by functions
+MAX_VALUE_DEPTH = 100  # nested lists, maps and structs in a value printed or marshalled
+
+# What costs about one step besides a node, command, argument, field or loop iteration:
+_ITEMS_PER_STEP = 64  # items or characters an argument or result holds (copied, compared, encoded)
+_CHARACTERS_PER_STEP = 2  # characters formatted or escaped (item by item, character by character)
+
+
+def _limit_message(problem: str, name: str, limit: int, advice: str) -> str:
+    return f"{problem}; the limit is {limit} ({name}): {advice}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +86,12 @@ __all__ = ["ExecError", "GoStruct", "JSONValue", "ParseError", "Template", "Temp
 
 class TemplateError(Exception):
     """A template failed to parse or to execute. The message is Go's wording, e.g.
-    `template: :3: unexpected EOF` or `template: :1:3: executing "" at <.X.Y>: ...`."""
+    `template: :3: unexpected EOF` or `template: :1:3: executing "" at <.X.Y>: ...`, or, where
+    a limit stopped it, says which: then `limit` is its name, e.g. "MAX_TEMPLATE_DEPTH"."""
+
+    def __init__(self, message: str, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class ParseError(TemplateError):
@@ -119,6 +161,15 @@ class GoStruct(dict[str, Any]):
 def _unwrap(value: Any) -> Any:
     """The value a template operates on: JSONValue is transparent except when printed."""
     return value.value if isinstance(value, JSONValue) else value
+
+
+def _check_value_depth(depth: int) -> None:
+    """Printing and marshalling recurse per level of a value (a cyclic one has no bottom)."""
+    if depth > MAX_VALUE_DEPTH:
+        raise ExecError("template: " + _limit_message(
+            f"a value nests more than {MAX_VALUE_DEPTH} levels deep, or contains itself", "MAX_VALUE_DEPTH",
+            MAX_VALUE_DEPTH, "send flatter values",
+        ), "MAX_VALUE_DEPTH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,7 +753,30 @@ _OPERAND_START = frozenset({
     _T.RAW_STRING, _T.STRING, _T.VARIABLE, _T.LEFT_PAREN,
 })
 _MAX_PIPELINE_COMMANDS = 1000  # Go's limit
-_MAX_PAREN_DEPTH = 100  # Go allows 10000; Python's stack does not
+
+
+class _Variables:
+    """The variables in scope while parsing: a stack, from which a control structure's {{end}}
+    pops what it declared, and a count per name, so a lookup does not scan the stack."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.counts: Counter[str] = Counter()
+        self.declare("$")
+
+    def declare(self, name: str) -> None:
+        self.stack.append(name)
+        self.counts[name] += 1
+
+    def mark(self) -> int:
+        return len(self.stack)
+
+    def pop_to(self, mark: int) -> None:
+        self.counts.subtract(self.stack[mark:])
+        del self.stack[mark:]
+
+    def __contains__(self, name: str) -> bool:
+        return self.counts[name] > 0
 
 
 class _Parser:
@@ -715,9 +789,9 @@ class _Parser:
         self.furthest = 0  # Go reports the line of the last token read from the lexer
         self.functions = functions
         self.trees: dict[str, ListNode] = {}
-        self.vars: list[str] = ["$"]
+        self.vars = _Variables()
         self.range_depth = 0
-        self.paren_depth = 0
+        self.depth = 0  # how deeply the parse recurses: see `nested`
         self.action_line = 0
 
     # token stream
@@ -749,9 +823,9 @@ class _Parser:
 
     # errors
 
-    def errorf(self, message: str) -> NoReturn:
+    def errorf(self, message: str, limit: str | None = None) -> NoReturn:
         line = self.tokens[min(self.furthest, len(self.tokens) - 1)].line
-        raise ParseError(f"template: :{line}: {message}")
+        raise ParseError(f"template: :{line}: {message}", limit)
 
     def unexpected(self, token: _Token, context: str) -> NoReturn:
         if token.typ is _T.ERROR:
@@ -762,6 +836,21 @@ class _Parser:
                     extra = extra[len(" in action"):]
             self.errorf(f"{token.val}{extra}")
         self.errorf(f"unexpected {token} in {context}")
+
+    @contextmanager
+    def nested(self) -> Iterator[None]:
+        """One level deeper: a control structure, else-if, block, definition or parenthesis.
+        The parser recurses a few frames for each, so bounding them bounds Python's stack."""
+        if self.depth >= MAX_TEMPLATE_DEPTH:
+            self.errorf(_limit_message(
+                f"the template nests more than {MAX_TEMPLATE_DEPTH} levels deep", "MAX_TEMPLATE_DEPTH",
+                MAX_TEMPLATE_DEPTH, "nest fewer if/range/with/block/else-if structures and parentheses",
+            ), limit="MAX_TEMPLATE_DEPTH")
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     def expect(self, expected: _T, context: str) -> _Token:
         token = self.next_non_space()
@@ -796,10 +885,11 @@ class _Parser:
         elif not _is_empty_tree(root):
             self.errorf(f"template: multiple definition of template {_go_quote(name)}")
 
-    def _sub_tree(self) -> tuple[list[str], int, int]:
-        """Start a nested tree ({{define}} or {{block}} body): fresh variables and depths."""
-        saved = (self.vars, self.range_depth, self.paren_depth)
-        self.vars, self.range_depth, self.paren_depth = ["$"], 0, 0
+    def _sub_tree(self) -> tuple[_Variables, int]:
+        """Start a nested tree ({{define}} or {{block}} body): fresh variables, no range. (The
+        nesting depth goes on: the parser still recurses.)"""
+        saved = (self.vars, self.range_depth)
+        self.vars, self.range_depth = _Variables(), 0
         return saved
 
     def parse_definition(self) -> None:
@@ -810,11 +900,12 @@ class _Parser:
             self.unexpected(token, context)
         name = self.unquote(token)
         self.expect(_T.RIGHT_DELIM, context)
-        body, end = self.item_list()
+        with self.nested():
+            body, end = self.item_list()
         if not isinstance(end, _EndNode):
             self.errorf(f"unexpected {end} in {context}")
         self.add_tree(name, body)
-        self.vars, self.range_depth, self.paren_depth = saved
+        self.vars, self.range_depth = saved
 
     def item_list(self) -> tuple[ListNode, Node]:
         pos = self.peek_non_space().pos
@@ -879,12 +970,12 @@ class _Parser:
                 is_assign = following.typ is _T.ASSIGN
                 self.next_non_space()
                 decl.append(VariableNode(variable.pos, (variable.val,)))
-                self.vars.append(variable.val)
+                self.vars.declare(variable.val)
                 break
             if following.typ is _T.CHAR and following.val == ",":
                 self.next_non_space()
                 decl.append(VariableNode(variable.pos, (variable.val,)))
-                self.vars.append(variable.val)
+                self.vars.declare(variable.val)
                 if context == "range" and len(decl) < 2:
                     if self.peek_non_space().typ in (_T.VARIABLE, _T.RIGHT_DELIM, _T.RIGHT_PAREN):
                         continue  # second variable of "range $i, $e :="
@@ -923,30 +1014,31 @@ class _Parser:
         return WithNode(*self.parse_control("with"))
 
     def parse_control(self, context: str) -> tuple[int, int, PipeNode, ListNode, ListNode | None]:
-        vars_before = len(self.vars)
-        try:
-            pipe = self.pipeline(context, _T.RIGHT_DELIM)
-            if context == "range":
-                self.range_depth += 1
-            body, following = self.item_list()
-            if context == "range":
-                self.range_depth -= 1
-            else_list: ListNode | None = None
-            if isinstance(following, _ElseNode):
-                # "{{else if}}" and "{{else with}}" nest a new if/with that shares our {{end}}.
-                if context == "if" and self.peek().typ is _T.IF:
-                    self.next()
-                    else_list = ListNode(following.pos, (self.if_control(),))
-                elif context == "with" and self.peek().typ is _T.WITH:
-                    self.next()
-                    else_list = ListNode(following.pos, (self.with_control(),))
-                else:
-                    else_list, following = self.item_list()
-                    if not isinstance(following, _EndNode):
-                        self.errorf(f"expected end; found {following}")
-            return pipe.pos, pipe.line, pipe, body, else_list
-        finally:
-            del self.vars[vars_before:]  # variables are scoped to the control structure
+        mark = self.vars.mark()
+        with self.nested():
+            try:
+                pipe = self.pipeline(context, _T.RIGHT_DELIM)
+                if context == "range":
+                    self.range_depth += 1
+                body, following = self.item_list()
+                if context == "range":
+                    self.range_depth -= 1
+                else_list: ListNode | None = None
+                if isinstance(following, _ElseNode):
+                    # "{{else if}}" and "{{else with}}" nest a new if/with that shares our {{end}}.
+                    if context == "if" and self.peek().typ is _T.IF:
+                        self.next()
+                        else_list = ListNode(following.pos, (self.if_control(),))
+                    elif context == "with" and self.peek().typ is _T.WITH:
+                        self.next()
+                        else_list = ListNode(following.pos, (self.with_control(),))
+                    else:
+                        else_list, following = self.item_list()
+                        if not isinstance(following, _EndNode):
+                            self.errorf(f"expected end; found {following}")
+                return pipe.pos, pipe.line, pipe, body, else_list
+            finally:
+                self.vars.pop_to(mark)  # variables are scoped to the control structure
 
     def end_control(self) -> Node:
         return _EndNode(self.expect(_T.RIGHT_DELIM, "end").pos)
@@ -979,11 +1071,12 @@ class _Parser:
         name = self.template_name(token, context)
         pipe = self.pipeline(context, _T.RIGHT_DELIM)
         saved = self._sub_tree()
-        body, end = self.item_list()
+        with self.nested():
+            body, end = self.item_list()
         if not isinstance(end, _EndNode):
             self.errorf(f"unexpected {end} in {context}")
         self.add_tree(name, body)
-        self.vars, self.range_depth, self.paren_depth = saved
+        self.vars, self.range_depth = saved
         return TemplateNode(token.pos, token.line, name, pipe)
 
     def command(self) -> CommandNode:
@@ -1048,13 +1141,8 @@ class _Parser:
         if typ in (_T.CHAR_CONSTANT, _T.COMPLEX, _T.NUMBER):
             return self.number(token)
         if typ is _T.LEFT_PAREN:
-            if self.paren_depth >= _MAX_PAREN_DEPTH:
-                self.errorf("max expression depth exceeded")
-            self.paren_depth += 1
-            try:
+            with self.nested():
                 return self.pipeline("parenthesized pipeline", _T.RIGHT_PAREN)
-            finally:
-                self.paren_depth -= 1
         if typ in (_T.STRING, _T.RAW_STRING):
             return StringNode(token.pos, token.val, self.unquote(token))
         self.backup()
@@ -1152,8 +1240,8 @@ def _parse_go_float(text: str) -> float | None:
 def _parse_number(text: str, typ: _T) -> tuple[int | float | complex, bool]:
     """The value Go's idealConstant gives a number literal, and whether it only fits a uint."""
     if typ is _T.CHAR_CONSTANT:
-        rune, tail = _go_unquote_char(text[1:], "'")
-        if tail != "'":
+        rune, end = _go_unquote_char(text, "'", 1)
+        if text[end:] != "'":
             raise ValueError(f"malformed character constant: {text}")
         return (rune[0] if isinstance(rune, bytes) else rune), False
     if typ is _T.COMPLEX:
@@ -1182,18 +1270,19 @@ _SIMPLE_ESCAPES = MappingProxyType(
 _QUOTE_ESCAPES = MappingProxyType({char: "\\" + letter for letter, char in _SIMPLE_ESCAPES.items() if letter != "\\"})
 
 
-def _go_unquote_char(text: str, quote: str) -> tuple[int | bytes, str]:
-    """strconv.UnquoteChar: (rune, or a raw byte for \\x and octal escapes; rest of text)."""
-    if not text:
+def _go_unquote_char(text: str, quote: str, start: int = 0) -> tuple[int | bytes, int]:
+    """strconv.UnquoteChar on text[start:]: (rune, or a raw byte for \\x and octal escapes;
+    where the rest of text begins). Positions, not slices, keep long literals linear."""
+    if start >= len(text):
         raise ValueError("invalid syntax")
-    char = text[0]
+    char = text[start]
     if char == quote and quote in "'\"":
         raise ValueError("invalid syntax")
     if char != "\\":
-        return ord(char), text[1:]
-    if len(text) < 2:
+        return ord(char), start + 1
+    if start + 1 >= len(text):
         raise ValueError("invalid syntax")
-    escape, rest = text[1], text[2:]
+    escape, rest = text[start + 1], start + 2
     if escape in _SIMPLE_ESCAPES:
         return ord(_SIMPLE_ESCAPES[escape]), rest
     if escape in ("'", '"'):
@@ -1202,34 +1291,34 @@ def _go_unquote_char(text: str, quote: str) -> tuple[int | bytes, str]:
         return ord(escape), rest
     if escape in "xuU":
         size = {"x": 2, "u": 4, "U": 8}[escape]
-        digits = rest[:size]
+        digits = text[rest:rest + size]
         if len(digits) < size or any(c not in "0123456789abcdefABCDEF" for c in digits):
             raise ValueError("invalid syntax")
         value = int(digits, 16)
         if escape == "x":
-            return bytes([value]), rest[size:]
+            return bytes([value]), rest + size
         if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
             raise ValueError("invalid syntax")
-        return value, rest[size:]
+        return value, rest + size
     if "0" <= escape <= "7":
-        digits = text[1:4]
+        digits = text[start + 1:start + 4]
         if len(digits) < 3 or any(not "0" <= c <= "7" for c in digits):
             raise ValueError("invalid syntax")
         value = int(digits, 8)
         if value > 255:
             raise ValueError("invalid syntax")
-        return bytes([value]), text[4:]
+        return bytes([value]), start + 4
     raise ValueError("invalid syntax")
 
 
 def _go_unquote(body: str, quote: str) -> str:
     """The contents of a Go "..." literal; \\x and octal escapes are bytes, decoded as UTF-8."""
     out = bytearray()
-    rest = body
-    while rest:
-        if rest[0] == "\n":
+    position = 0
+    while position < len(body):
+        if body[position] == "\n":
             raise ValueError("invalid syntax")
-        value, rest = _go_unquote_char(rest, quote)
+        value, position = _go_unquote_char(body, quote, position)
         out += value if isinstance(value, bytes) else chr(value).encode("utf-8", "surrogatepass")
     return out.decode("utf-8", errors="replace")
 
@@ -1367,6 +1456,30 @@ def _go_sharp_u(char: str) -> str:
     return f"{text} '{char}'" if char.isprintable() else text
 
 
+_MAX_FORMAT_NUMBER = 1_000_000  # Go's fmt ignores larger widths and precisions (tooLarge)
+
+
+def _parse_format_number(text: str, start: int) -> tuple[int | None, int]:
+    """fmt's parsenum: the decimal number at `start`, or None, and where parsing stopped. A
+    number that grows past a million gives None and stops at the end of the text, as in Go,
+    so no width or precision can be huge."""
+    number, position = None, start
+    while position < len(text) and "0" <= text[position] <= "9":
+        if number is not None and number > _MAX_FORMAT_NUMBER:
+            return None, len(text)
+        number = (number or 0) * 10 + ord(text[position]) - ord("0")
+        position += 1
+    return number, position
+
+
+def _int_from_arg(args: list[Any], index: int) -> int | None:
+    """fmt's intFromArg: a `*` width or precision, None when missing, not an int, or too large."""
+    value = args[index] if index < len(args) else None
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_FORMAT_NUMBER:
+        return None
+    return value
+
+
 class _Printer:
     """Formats values the way Go's fmt package does for the verbs templates use."""
 
@@ -1412,36 +1525,32 @@ class _Printer:
             # width
             if i < end and template[i] == "*":
                 i += 1
-                width = args[arg_index] if arg_index < len(args) else None
+                width = _int_from_arg(args, arg_index)
                 arg_index += 1
-                if isinstance(width, int) and not isinstance(width, bool):
+                if width is not None:
                     spec["width"] = abs(width)
                     if width < 0:
                         spec["minus"], spec["zero"] = True, False
                 else:
                     out.append("%!(BADWIDTH)")
             else:
-                start = i
-                while i < end and template[i].isdigit():
-                    i += 1
-                if i > start:
-                    spec["width"] = int(template[start:i])
+                width, i = _parse_format_number(template, i)
+                if width is not None:
+                    spec["width"] = width
             # precision
             if i < end and template[i] == ".":
                 i += 1
                 if i < end and template[i] == "*":
                     i += 1
-                    precision = args[arg_index] if arg_index < len(args) else None
+                    precision = _int_from_arg(args, arg_index)
                     arg_index += 1
-                    if isinstance(precision, int) and not isinstance(precision, bool) and precision >= 0:
+                    if precision is not None and precision >= 0:
                         spec["prec"] = precision
                     else:
                         out.append("%!(BADPREC)")
                 else:
-                    start = i
-                    while i < end and template[i].isdigit():
-                        i += 1
-                    spec["prec"] = int(template[start:i]) if i > start else 0
+                    precision, i = _parse_format_number(template, i)
+                    spec["prec"] = precision or 0
             if i >= end:
                 out.append("%!(NOVERB)")
                 break
@@ -1474,6 +1583,7 @@ class _Printer:
         return f"%!{verb}({_go_type_name(value)}={self.arg(value, 'v', _NO_FLAGS)})"
 
     def arg(self, value: Any, verb: str, flags: _Flags, depth: int = 0) -> str:
+        _check_value_depth(depth)
         if value is None:
             if depth > 0:
                 return "<nil>"
@@ -1681,26 +1791,25 @@ _JSON_ESCAPES = MappingProxyType({
 })
 
 
+# One table for str.translate, which escapes at C speed: Go's escapes, \u00XX for the other
+# control characters, and U+FFFD for lone surrogates (Go replaces invalid UTF-8).
+_JSON_TRANSLATION = MappingProxyType({
+    **{code: f"\\u{code:04x}" for code in range(0x20)},
+    **{code: "\\ufffd" for code in range(0xD800, 0xE000)},
+    **{ord(char): escaped for char, escaped in _JSON_ESCAPES.items()},
+})
+
+
 def _json_string(text: str) -> str:
-    out = ['"']
-    for char in text:
-        escaped = _JSON_ESCAPES.get(char)
-        if escaped is not None:
-            out.append(escaped)
-        elif ord(char) < 0x20:
-            out.append(f"\\u{ord(char):04x}")
-        elif 0xD800 <= ord(char) <= 0xDFFF:
-            out.append("\\ufffd")  # Go replaces invalid UTF-8
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
+    return '"' + text.translate(_JSON_TRANSLATION) + '"'
 
 
-def _go_json(value: Any) -> str:
+def _go_json(value: Any, depth: int = 0) -> str:
     """json.Marshal: compact, HTML-safe, map keys sorted, structs in field order."""
+    _check_value_depth(depth)
+    inner = depth + 1
     if isinstance(value, JSONValue):
-        return _go_json(value.marshal_form())
+        return _go_json(value.marshal_form(), inner)
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -1714,15 +1823,15 @@ def _go_json(value: Any) -> str:
     if isinstance(value, (bytes, bytearray)):
         return _json_string(base64.b64encode(bytes(value)).decode("ascii"))
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_go_json(item) for item in value) + "]"
+        return "[" + ",".join(_go_json(item, inner) for item in value) + "]"
     if isinstance(value, GoStruct):
-        return "{" + ",".join(_json_string(str(key)) + ":" + _go_json(item) for key, item in value.items()) + "}"
+        return "{" + ",".join(_json_string(str(key)) + ":" + _go_json(item, inner) for key, item in value.items()) + "}"
     if isinstance(value, Mapping):
         keys = sorted(value.keys(), key=str)
-        return "{" + ",".join(_json_string(str(key)) + ":" + _go_json(value[key]) for key in keys) + "}"
+        return "{" + ",".join(_json_string(str(key)) + ":" + _go_json(value[key], inner) for key in keys) + "}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         members = (
-            _json_string(field.name) + ":" + _go_json(getattr(value, field.name))
+            _json_string(field.name) + ":" + _go_json(getattr(value, field.name), inner)
             for field in dataclasses.fields(value)
         )
         return "{" + ",".join(members) + "}"
@@ -2011,15 +2120,16 @@ def _member(value: Any, *names: str) -> Any:
     return None
 
 
-def _to_typescript_type(prop: Any) -> str:
+def _to_typescript_type(prop: Any, depth: int = 0) -> str:
     """api.ToolProperty.ToTypeScriptType: anyOf and type lists become unions; enums, item
     types and anything that is not a property map to JSON-schema-blind TypeScript names."""
+    _check_value_depth(depth)
     prop = _unwrap(prop)
     if prop is None or isinstance(prop, (str, int, float, list, tuple)):
         return "any"
     any_of = _member(prop, "anyOf", "AnyOf")
     if isinstance(any_of, (list, tuple)) and any_of:
-        return " | ".join(_to_typescript_type(option) for option in any_of)
+        return " | ".join(_to_typescript_type(option, depth + 1) for option in any_of)
     types = _member(prop, "type", "Type")
     if isinstance(types, str):
         types = [types]
@@ -2061,7 +2171,31 @@ _FUNCTION_NAMES = frozenset(_FUNCTIONS)
 # Executor (text/template/exec.go)
 
 _MISSING: Any = object()  # "no piped value", Go's missingVal; never mutated
-_MAX_TEMPLATE_DEPTH = 100  # Go allows 100000 nested {{template}} calls; Python's stack does not
+
+
+class Budget:
+    """What the executions that make up one prompt may still spend (MAX_TEMPLATE_STEPS and
+    MAX_TEMPLATE_OUTPUT by default). A legacy template runs once per turn: handing each run the
+    same Budget bounds the prompt rather than each run. Belongs to one render at a time."""
+
+    __slots__ = ("max_steps", "max_characters", "steps_left", "characters_left")
+
+    def __init__(self, steps: int | None = None, characters: int | None = None) -> None:
+        # The limits are read here, not at import, so that tests can lower them.
+        self.max_steps = MAX_TEMPLATE_STEPS if steps is None else steps
+        self.max_characters = MAX_TEMPLATE_OUTPUT if characters is None else characters
+        self.steps_left = self.max_steps
+        self.characters_left = self.max_characters
+
+
+_SIZED = (str, bytes, bytearray, list, tuple, dict)  # not the Mapping ABC: slow to test, on a hot path
+
+
+def _size(value: Any) -> int:
+    """How many characters or items a function argument or result holds (not counting nested)."""
+    if isinstance(value, JSONValue):
+        value = value.value
+    return len(value) if isinstance(value, _SIZED) else 0
 
 
 class _Break(Exception):
@@ -2074,39 +2208,93 @@ class _Continue(Exception):
 
 class _Executor:
     """One execution: output buffer, variable stack, and the node being evaluated (for error
-    locations). Follows Go's state.walk/eval* functions."""
+    locations). Follows Go's state.walk/eval* functions, spending from a Budget as it goes."""
 
-    def __init__(self, template: Template) -> None:
+    def __init__(self, template: Template, budget: Budget) -> None:
         self.template = template
+        self.budget = budget
         self.out: list[str] = []
         self.vars: list[list[Any]] = []  # [name, value] pairs; a stack with marks
         self.name = ""  # the template being executed, quoted in error messages
         self.node: Node | None = None
-        self.depth = 0
+        self.depth = 0  # nested control structures, parenthesised pipelines and template calls
+        self.calls = 0  # nested {{template}} calls
 
     # errors
 
-    def errorf(self, message: str) -> NoReturn:
+    def errorf(self, message: str, limit: str | None = None) -> NoReturn:
         if self.node is None:
-            raise ExecError(f"template: {self.name}: {message}")
+            raise ExecError(f"template: {self.name}: {message}", limit)
         text = self.template.source
         pos = self.node.pos
         line_start = text.rfind("\n", 0, pos) + 1
         line = text.count("\n", 0, pos) + 1
         column = len(text[line_start:pos].encode("utf-8"))
         raise ExecError(
-            f"template: :{line}:{column}: executing {_go_quote(self.name)} at <{self.node}>: {message}"
+            f"template: :{line}:{column}: executing {_go_quote(self.name)} at <{self.node}>: {message}", limit
         )
+
+    # limits
+
+    def spend(self, steps: int) -> None:
+        """Charge the budget. A step is one node walked, command run, argument passed, field
+        looked up, loop iteration or map key ranged over, plus the bulk of the data functions
+        handle and of the text produced (_ITEMS_PER_STEP, _CHARACTERS_PER_STEP)."""
+        budget = self.budget
+        budget.steps_left -= steps
+        if budget.steps_left < 0:
+            self.errorf(_limit_message(
+                f"the template ran for more than {budget.max_steps} steps", "MAX_TEMPLATE_STEPS",
+                budget.max_steps, "loop less often, or nest fewer loops",
+            ), limit="MAX_TEMPLATE_STEPS")
+
+    def produce(self, text: str, built: bool = True) -> str:
+        """Count text the template writes or a function returns against the budget. Text that
+        was `built` (formatted, escaped, marshalled: character by character) costs steps too."""
+        if built:
+            self.spend(len(text) // _CHARACTERS_PER_STEP)
+        budget = self.budget
+        budget.characters_left -= len(text)
+        if budget.characters_left < 0:
+            self.errorf(_limit_message(
+                f"the template produced more than {budget.max_characters} characters, counting text that "
+                "functions return", "MAX_TEMPLATE_OUTPUT", budget.max_characters, "write or build less text",
+            ), limit="MAX_TEMPLATE_OUTPUT")
+        return text
+
+    def enter(self, call: bool = False) -> None:
+        """One level deeper (a template call when `call`); pair with `leave` in a finally. The
+        executor recurses for each, and template calls can chain templates that each nest up
+        to the parse limit."""
+        if call and self.calls >= MAX_TEMPLATE_CALL_DEPTH:
+            self.errorf(_limit_message(
+                f"exceeded maximum template depth: {{{{template}}}} calls nest more than "
+                f"{MAX_TEMPLATE_CALL_DEPTH} deep", "MAX_TEMPLATE_CALL_DEPTH", MAX_TEMPLATE_CALL_DEPTH,
+                "look for a template that calls itself",
+            ), limit="MAX_TEMPLATE_CALL_DEPTH")
+        if self.depth >= MAX_TEMPLATE_DEPTH:
+            self.errorf(_limit_message(
+                f"executing nests more than {MAX_TEMPLATE_DEPTH} levels deep, counting {{{{template}}}} calls",
+                "MAX_TEMPLATE_DEPTH", MAX_TEMPLATE_DEPTH, "nest fewer structures and template calls",
+            ), limit="MAX_TEMPLATE_DEPTH")
+        self.depth += 1
+        self.calls += call
+
+    def leave(self, call: bool = False) -> None:
+        self.depth -= 1
+        self.calls -= call
 
     # variables
 
     def var_value(self, name: str) -> Any:
+        self.spend(1 + len(self.vars) // _ITEMS_PER_STEP)  # the search below
         for entry in reversed(self.vars):
             if entry[0] == name:
                 return entry[1]
         self.errorf(f"undefined variable: {name}")
 
     def set_var(self, name: str, value: Any) -> None:
+        self.spend(1 + len(self.vars) // _ITEMS_PER_STEP)
         for entry in reversed(self.vars):
             if entry[0] == name:
                 entry[1] = value
@@ -2120,11 +2308,18 @@ class _Executor:
         try:
             self.walk(data, root)
         except RecursionError:
-            raise ExecError(f"template: {self.name}: exceeded maximum template depth") from None
+            # Not expected within the limits; a caller deep in its own stack could still get here.
+            raise ExecError(f"template: {self.name}: " + _limit_message(
+                "executing nests too deeply for Python's stack", "MAX_TEMPLATE_DEPTH", MAX_TEMPLATE_DEPTH,
+                "nest fewer structures and template calls",
+            ), "MAX_TEMPLATE_DEPTH") from None
         return "".join(self.out)
 
     def walk(self, dot: Any, node: Node) -> None:
         self.node = node
+        self.budget.steps_left -= 1  # spend(1), inlined on the hottest path
+        if self.budget.steps_left < 0:
+            self.spend(0)
         if isinstance(node, ActionNode):
             value = self.eval_pipeline(dot, node.pipe)
             if not node.pipe.decl:  # declarations print nothing
@@ -2139,7 +2334,7 @@ class _Executor:
         elif isinstance(node, TemplateNode):
             self.walk_template(dot, node)
         elif isinstance(node, TextNode):
-            self.out.append(node.text)
+            self.out.append(self.produce(node.text, built=False))
         elif isinstance(node, BreakNode):
             raise _Break()
         elif isinstance(node, ContinueNode):
@@ -2151,10 +2346,14 @@ class _Executor:
         mark = len(self.vars)
         try:
             value = self.eval_pipeline(dot, node.pipe)
-            if _is_true(value):
-                self.walk(value if isinstance(node, WithNode) else dot, node.list)
-            elif node.else_list is not None:
-                self.walk(dot, node.else_list)
+            self.enter()
+            try:
+                if _is_true(value):
+                    self.walk(value if isinstance(node, WithNode) else dot, node.list)
+                elif node.else_list is not None:
+                    self.walk(dot, node.else_list)
+            finally:
+                self.leave()
         finally:
             del self.vars[mark:]
 
@@ -2165,22 +2364,29 @@ class _Executor:
             value = _unwrap(self.eval_pipeline(dot, node.pipe))
             body_mark = len(self.vars)
             ran = False
+            self.enter()
             try:
-                for index, element in self.range_items(value, node):
-                    ran = True
-                    self.range_iteration(node, body_mark, index, element)
-            except _Break:
-                return
-            if not ran and node.else_list is not None:
-                self.walk(dot, node.else_list)
+                try:
+                    for index, element in self.range_items(value, node):
+                        ran = True
+                        self.range_iteration(node, body_mark, index, element)
+                except _Break:
+                    return
+                if not ran and node.else_list is not None:
+                    self.walk(dot, node.else_list)
+            finally:
+                self.leave()
         finally:
             del self.vars[mark:]
 
     def range_items(self, value: Any, node: RangeNode) -> Iterator[tuple[Any, Any]]:
+        # Lazily, so that a loop that breaks early costs only what it ran (templates cannot
+        # change the values they range over).
         if isinstance(value, (list, tuple, bytes, bytearray)):
-            return iter(list(enumerate(value)))
+            return enumerate(value)
         if isinstance(value, Mapping) and not isinstance(value, GoStruct):
-            return iter([(key, value[key]) for key in _sorted_keys(value)])
+            self.spend(len(value))  # sorting the keys
+            return ((key, value[key]) for key in _sorted_keys(value))
         if isinstance(value, int) and not isinstance(value, bool):  # Go 1.22 range over int
             if len(node.pipe.decl) > 1:
                 self.errorf(f"can't use {_PRINTER.arg(value, 'v', _NO_FLAGS)} to iterate over more than one variable")
@@ -2213,24 +2419,23 @@ class _Executor:
         tree = self.template._trees.get(node.name)
         if tree is None:
             self.errorf(f"template {_go_quote(node.name)} not defined")
-        if self.depth >= _MAX_TEMPLATE_DEPTH:
-            self.errorf(f"exceeded maximum template depth ({_MAX_TEMPLATE_DEPTH})")
         dot = self.eval_pipeline(dot, node.pipe)  # its variables persist in the caller
+        self.node = node
+        self.enter(call=True)
         saved = (self.vars, self.name)
         # No dynamic scoping: the called template sees only $.
         self.vars, self.name = [["$", dot]], node.name
-        self.depth += 1
         try:
             self.walk(dot, tree)
         finally:
             self.vars, self.name = saved
-            self.depth -= 1
+            self.leave(call=True)
 
     def print_value(self, node: Node, value: Any) -> None:
         self.node = node
         if inspect.isroutine(value):
             self.errorf(f"can't print {node} of type {_go_type_name(value)}")
-        self.out.append(_print_value(value))
+        self.out.append(self.produce(_print_value(value), built=not isinstance(value, str)))
 
     # evaluation
 
@@ -2248,12 +2453,23 @@ class _Executor:
                 self.vars.append([variable.ident[0], value])
         return value
 
+    def eval_nested_pipeline(self, dot: Any, pipe: PipeNode) -> Any:
+        """A parenthesised pipeline: evaluating it recurses."""
+        self.enter()
+        try:
+            return self.eval_pipeline(dot, pipe)
+        finally:
+            self.leave()
+
     def not_a_function(self, args: tuple[Node, ...] | None, final: Any) -> None:
         if (args is not None and len(args) > 1) or final is not _MISSING:
             assert args is not None
             self.errorf(f"can't give argument to non-function {args[0]}")
 
     def eval_command(self, dot: Any, cmd: CommandNode, final: Any) -> Any:
+        self.budget.steps_left -= 1  # spend(1), inlined on a hot path
+        if self.budget.steps_left < 0:
+            self.spend(0)
         first = cmd.args[0]
         if isinstance(first, FieldNode):
             return self.eval_field_node(dot, first, cmd.args, final)
@@ -2263,7 +2479,7 @@ class _Executor:
             return self.eval_function(dot, first, cmd, cmd.args, final)
         if isinstance(first, PipeNode):
             self.not_a_function(cmd.args, final)
-            return self.eval_pipeline(dot, first)
+            return self.eval_nested_pipeline(dot, first)
         if isinstance(first, VariableNode):
             return self.eval_variable_node(dot, first, cmd.args, final)
         self.node = first
@@ -2309,6 +2525,7 @@ class _Executor:
         self, dot: Any, receiver: Any, node: Node, ident: tuple[str, ...],
         args: tuple[Node, ...] | None, final: Any,
     ) -> Any:
+        self.spend(len(ident))
         for position, name in enumerate(ident):
             last = position == len(ident) - 1
             receiver = self.field(
@@ -2342,7 +2559,7 @@ class _Executor:
             if name == "String":  # the Go method that makes these types print as JSON
                 if has_args:
                     self.errorf(f"wrong number of args for String: want 0 got {len(args or ()) - 1}")
-                return receiver.json_text()
+                return self.produce(receiver.json_text())
             receiver = receiver.value
         if isinstance(receiver, GoStruct):
             if name not in receiver:
@@ -2392,6 +2609,7 @@ class _Executor:
             # and/or short-circuit and return the deciding value, not a bool.
             value = None
             for arg in arg_nodes:
+                self.spend(1)
                 value = self.eval_arg(dot, _ANY, arg)
                 if _is_true(value) == (name == "or"):
                     return value
@@ -2405,12 +2623,20 @@ class _Executor:
             argv.append(self.validate_type(final, kind))
         if function is _FUNCTIONS["call"]:  # Go passes the callee's name for its messages
             argv.insert(0, str(arg_nodes[0]) if arg_nodes else _PRINTER.arg(final, "s", _NO_FLAGS))
+        # Functions take time in proportion to what they walk (len and slice encode strings,
+        # eq compares them, printf copies them) and what they build.
+        self.spend(len(argv) + sum(map(_size, argv)) // _ITEMS_PER_STEP)
         try:
-            return function.impl(*argv)
+            result = function.impl(*argv)
         except TemplateError:
             raise
         except Exception as error:  # _CallError, or whatever a called Python function raised
             failure = error  # (Go's safeCall likewise turns panics into errors)
+        else:
+            if isinstance(result, str):
+                return self.produce(result)
+            self.spend(_size(result) // _ITEMS_PER_STEP)
+            return result
         self.node = node
         self.errorf(f"error calling {name}: {failure}")
 
@@ -2435,7 +2661,7 @@ class _Executor:
         if isinstance(node, VariableNode):
             return self.validate_type(self.eval_variable_node(dot, node, None, _MISSING), kind)
         if isinstance(node, PipeNode):
-            return self.validate_type(self.eval_pipeline(dot, node), kind)
+            return self.validate_type(self.eval_nested_pipeline(dot, node), kind)
         if isinstance(node, IdentifierNode):
             return self.validate_type(self.eval_function(dot, node, node, None, _MISSING), kind)
         if isinstance(node, ChainNode):
@@ -2545,9 +2771,11 @@ class Template:
         """The main template's parse tree."""
         return self._trees.get("", ListNode(0, ()))
 
-    def execute(self, values: Any) -> str:
-        """Render with `values` as dot and `$`. Raises ExecError with Go's message on failure."""
-        return _Executor(self).run(self.root, values)
+    def execute(self, values: Any, budget: Budget | None = None) -> str:
+        """Render with `values` as dot and `$`. Raises ExecError with Go's message on failure,
+        or naming the limit passed. `budget` is shared by the executions of one prompt; by
+        default this execution gets a full one."""
+        return _Executor(self, Budget() if budget is None else budget).run(self.root, values)
 
     def identifiers(self) -> frozenset[str]:
         """Every field and variable name the templates mention, as Ollama's Vars() collects
@@ -2585,11 +2813,45 @@ class Template:
         return f"Template({self._source[:40]!r})"
 
 
-@functools.lru_cache(maxsize=256)
+# Parse trees take up to ~40 bytes per byte of text: the cache keeps those of real templates
+# (at most ~150 MB of them), while larger texts, rare and suspect, are parsed each time.
+_CACHED_TEMPLATE_SIZE = 32 * 1024
+
+
+def _check_size(template: str) -> None:
+    # UTF-8 is at least a byte per character: only a text that may fit needs encoding.
+    size = len(template) if len(template) > MAX_TEMPLATE_SIZE else len(template.encode("utf-8", "surrogatepass"))
+    if size > MAX_TEMPLATE_SIZE:
+        raise ParseError("template: " + _limit_message(
+            f"the template is over {MAX_TEMPLATE_SIZE} bytes long", "MAX_TEMPLATE_SIZE", MAX_TEMPLATE_SIZE,
+            "shorten it",
+        ), "MAX_TEMPLATE_SIZE")
+
+
 def parse(template: str) -> Template:
     """Parse Go template text. Raises ParseError with Go's message, e.g.
-    `template: :3: unexpected EOF`. Results are cached by text (Templates are immutable)."""
-    trees = _Parser(template, _FUNCTION_NAMES).parse()
+    `template: :3: unexpected EOF`, or naming the limit passed. Results are cached by text
+    (Templates are immutable), except for texts larger than real templates."""
+    _check_size(template)
+    if len(template) <= _CACHED_TEMPLATE_SIZE:
+        return _parse_cached(template)
+    return _parse(template)
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_cached(template: str) -> Template:
+    return _parse(template)
+
+
+def _parse(template: str) -> Template:
+    try:
+        trees = _Parser(template, _FUNCTION_NAMES).parse()
+    except RecursionError:
+        # Not expected within MAX_TEMPLATE_DEPTH; a caller deep in its own stack could still get here.
+        raise ParseError("template: " + _limit_message(
+            "the template nests too deeply for Python's stack", "MAX_TEMPLATE_DEPTH", MAX_TEMPLATE_DEPTH,
+            "nest fewer if/range/with/block/else-if structures and parentheses",
+        ), "MAX_TEMPLATE_DEPTH") from None
     return Template(template, trees)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any
 
+from registry import bounded_json
 from registry.errors import InvalidInput
 from server.template import (
     BranchNode,
@@ -418,7 +419,7 @@ def _calls_in(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     if isinstance(arguments, str):
         # Some models write OpenAI-style arguments: a string holding the JSON object.
         try:
-            arguments = json.loads(arguments)
+            arguments = bounded_json.decode(arguments)
         except ValueError:
             pass
     if isinstance(name, str) and name and isinstance(arguments, dict):
@@ -582,7 +583,7 @@ class ToolCallParser:
             return False  # finish() gives an unfinished value back as content
         raw, self._buffer = self._buffer[:end], self._buffer[end:]
         try:
-            found = list(_calls_in(json.loads(raw)))
+            found = list(_calls_in(bounded_json.decode(raw)))
         except (ValueError, RecursionError):  # not JSON, or nested beyond what json parses
             found = []
         if not found:

@@ -112,7 +112,7 @@ class Projector:
                         raise InputError(f"image {index} could not be decoded; send PNG, JPEG, BMP or GIF data "
                                          "as base64")
                     bitmaps.append(bitmap)
-                raw = prompt.encode()
+                raw = prompt.encode(errors="replace")
                 request = mtmd.mtmd_input_text()
                 request.text = raw
                 request.text_len = len(raw)

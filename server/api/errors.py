@@ -8,7 +8,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry.errors import BerthError, CorruptData, InvalidInput, NotFound, SchemaTooNew
+from registry.errors import BerthError, Conflict, CorruptData, InvalidInput, NotFound, SchemaTooNew
+from server.crash_guard import RequestRefused
 from server.scheduler import QueueFull
 
 log = logging.getLogger("berth.api")
@@ -17,10 +18,14 @@ log = logging.getLogger("berth.api")
 def status_for(error: BerthError) -> int:
     if isinstance(error, QueueFull):
         return 503
+    if isinstance(error, RequestRefused):
+        return 429
     if isinstance(error, InvalidInput):
         return 400
     if isinstance(error, NotFound):
         return 404
+    if isinstance(error, Conflict):
+        return 409
     if isinstance(error, (CorruptData, SchemaTooNew)):
         return 500
     return 500
@@ -50,4 +55,5 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> Response:
         log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        # The exception's text stays in the log: it may quote a file or the server's internals.
+        return error_response(500, f"internal error ({type(exc).__name__}); the server's log has the details")

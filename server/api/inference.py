@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from registry.errors import InvalidInput
 from server import prompt as prompts
 from server.api.body import parse_json
+from server.api.caller import caller_of
 from server.api.ndjson import respond
 from server.durations import parse_keep_alive
-from server.inference import ChatInput, GenerateInput, Generation, OutputOptions, decode_images, normalize
+from server.images import decode_images
+from server.inference import ChatInput, GenerateInput, Generation, OutputOptions, normalize
 from server.context import AppContext
 
 log = logging.getLogger("berth.api")
@@ -142,11 +144,12 @@ async def generate(request: Request) -> Response:
         truncate=body.truncate is not False,
         think=body.think,
         outputs=body.outputs(),
+        caller=caller_of(request),
     )
     return await respond(Generation(context.inference).generate(job), body.stream is not False, "response", request)
 
 
-def _chat_message(body: MessageBody) -> prompts.ChatMessage:
+def _chat_message(body: MessageBody, index: int) -> prompts.ChatMessage:
     from server.tools import ToolCall
 
     calls = tuple(
@@ -154,9 +157,9 @@ def _chat_message(body: MessageBody) -> prompts.ChatMessage:
                  index=call.function.index if call.function.index is not None else i)
         for i, call in enumerate(body.tool_calls or [])
     )
-    return prompts.ChatMessage(role=body.role, content=body.content or "", images=decode_images(body.images),
-                               tool_calls=calls, tool_name=body.tool_name, tool_call_id=body.tool_call_id,
-                               thinking=body.thinking)
+    return prompts.ChatMessage(role=body.role, content=body.content or "",
+                               images=decode_images(body.images, f"messages.{index}.images"), tool_calls=calls,
+                               tool_name=body.tool_name, tool_call_id=body.tool_call_id, thinking=body.thinking)
 
 
 @router.post("/api/chat")
@@ -165,7 +168,7 @@ async def chat(request: Request) -> Response:
     context = _context(request)
     job = ChatInput(
         model=body.model_name(),
-        messages=tuple(_chat_message(m) for m in body.messages or []),
+        messages=tuple(_chat_message(m, i) for i, m in enumerate(body.messages or [])),
         tools=tuple(body.tools or ()),
         format=body.format,
         options=body.options,
@@ -174,6 +177,7 @@ async def chat(request: Request) -> Response:
         think=body.think,
         template=body.template,
         outputs=body.outputs(),
+        caller=caller_of(request),
     )
     return await respond(Generation(context.inference).chat(job), body.stream is not False, "message", request)
 
@@ -201,7 +205,7 @@ async def embed(request: Request) -> Response:
         return JSONResponse({"model": plan.ref.name.display, "embeddings": []})
     if body.dimensions is not None and body.dimensions < 0:
         raise InvalidInput("dimensions must be a positive number")
-    vectors, count, load_ns = await inference.embed(plan, inputs, body.truncate is not False)
+    vectors, count, load_ns = await inference.embed(plan, inputs, body.truncate is not False, caller_of(request))
     return JSONResponse({
         "model": plan.ref.name.display,
         "embeddings": [normalize(v, body.dimensions) for v in vectors],
@@ -220,7 +224,7 @@ async def embeddings(request: Request) -> Response:
     if not body.prompt:
         await inference.load_or_unload(plan, "embedding", [])
         return JSONResponse({"embedding": []})
-    vectors, _, _ = await inference.embed(plan, [body.prompt], True)
+    vectors, _, _ = await inference.embed(plan, [body.prompt], True, caller_of(request))
     return JSONResponse({"embedding": vectors[0]})
 
 

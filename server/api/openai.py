@@ -7,6 +7,7 @@ native API and translates the answer back. Errors use OpenAI's envelope on these
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from contextlib import aclosing
@@ -17,9 +18,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from registry.errors import BerthError, InvalidInput, ModelNotFound
+from registry.errors import BerthError, InvalidField, InvalidInput, ModelNotFound
 from server import openai_shapes as shapes
 from server.api.body import parse_json
+from server.api.caller import caller_of
 from server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
 from server.api.errors import status_for
 from server.context import AppContext
@@ -34,8 +36,8 @@ def _error(error: Exception) -> tuple[int, dict[str, Any]]:
         status, message = status_for(error), error.message
     else:
         log.error("unexpected error", exc_info=error)
-        status, message = 500, f"internal error: {type(error).__name__}: {error}"
-    return status, shapes.error_body(status, message)
+        status, message = 500, f"internal error ({type(error).__name__}); the server's log has the details"
+    return status, shapes.error_body(status, message, error.field if isinstance(error, InvalidField) else None)
 
 
 class OpenAIRoute(APIRoute):
@@ -117,7 +119,7 @@ async def _answer(chunks: AsyncIterator[dict[str, Any]], translator: shapes.Tran
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     body = await parse_json(request, shapes.ChatCompletionRequest)
-    job = shapes.chat_input(body)
+    job = dataclasses.replace(shapes.chat_input(body), caller=caller_of(request))
     chunks = Generation(_context(request).inference).chat(job)
     return await _answer(chunks, shapes.ChatTranslator(body.include_usage), bool(body.stream), request)
 
@@ -125,7 +127,7 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     body = await parse_json(request, shapes.CompletionRequest)
-    job = shapes.generate_input(body)
+    job = dataclasses.replace(shapes.generate_input(body), caller=caller_of(request))
     chunks = Generation(_context(request).inference).generate(job)
     return await _answer(chunks, shapes.CompletionTranslator(body.include_usage), bool(body.stream), request)
 
@@ -139,7 +141,7 @@ async def embeddings(request: Request) -> Response:
         raise InvalidInput("dimensions must be a positive number")
     inference = _context(request).inference
     plan = inference.plan(inference.resolve(body.model_name()), None, None)
-    vectors, prompt_tokens, _ = await inference.embed(plan, inputs, True)
+    vectors, prompt_tokens, _ = await inference.embed(plan, inputs, True, caller_of(request))
     normalized = [normalize(vector, body.dimensions) for vector in vectors]
     return JSONResponse(shapes.embedding_list(plan.ref.name.display, normalized, prompt_tokens, encoding))
 

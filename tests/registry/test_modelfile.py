@@ -489,11 +489,14 @@ def parameter_sets(draw: st.DrawFn) -> dict[str, object]:
     names = draw(st.lists(st.sampled_from(sorted(OPTION_SPECS)), unique=True, max_size=6))
     values: dict[str, object] = {}
     for name in names:
-        kind = OPTION_SPECS[name].kind
+        spec = OPTION_SPECS[name]
+        kind = spec.kind
         if kind is OptionKind.INT:
-            values[name] = draw(st.integers(-(2**63), 2**63 - 1))
+            low, high = -(2**63) if spec.low is None else spec.low, 2**63 - 1 if spec.high is None else spec.high
+            values[name] = draw(st.integers(int(low), int(high)))
         elif kind is OptionKind.FLOAT:
-            number = draw(st.floats(width=32, allow_nan=False, allow_infinity=False))
+            number = draw(st.floats(width=32, min_value=spec.low, max_value=spec.high, allow_nan=False,
+                                    allow_infinity=False))
             values[name] = parse_parameter(name, repr(number))  # the float32 form a Modelfile can carry
         elif kind is OptionKind.BOOL:
             values[name] = draw(st.booleans())

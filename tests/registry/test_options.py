@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from registry import options
 from registry.errors import InvalidInput
 from registry.options import (
     DEPRECATED_OPTIONS,
@@ -276,16 +277,22 @@ def test_text_errors_use_ollamas_text(name: str, text: str, message: str) -> Non
     assert info.value.option == name
 
 
-@given(st.floats(width=32, allow_nan=False, allow_infinity=False), st.sampled_from(FLOAT_NAMES))
-def test_float_text_round_trips(number: float, name: str) -> None:
+@given(st.data(), st.sampled_from(FLOAT_NAMES))
+def test_float_text_round_trips(data: st.DataObject, name: str) -> None:
+    spec = OPTION_SPECS[name]
+    number = data.draw(st.floats(width=32, min_value=spec.low, max_value=spec.high, allow_nan=False,
+                                 allow_infinity=False))
     value = parse_parameter(name, repr(number))
     assert parse_parameter(name, format_parameter_value(value)) == value
     # The stored form is a fixed point: typing it again changes nothing.
     assert parse_options({name: value}).values[name] == value
 
 
-@given(st.integers(-(2**63), 2**63 - 1), st.sampled_from(INT_NAMES))
-def test_int_text_round_trips(number: int, name: str) -> None:
+@given(st.data(), st.sampled_from(INT_NAMES))
+def test_int_text_round_trips(data: st.DataObject, name: str) -> None:
+    spec = OPTION_SPECS[name]
+    low, high = -(2**63) if spec.low is None else spec.low, 2**63 - 1 if spec.high is None else spec.high
+    number = data.draw(st.integers(int(low), int(high)))
     assert parse_parameter(name, format_parameter_value(number)) == number
 
 
@@ -351,3 +358,32 @@ def test_show_parameters_prints_values_as_go_does(value: object, shown: str) -> 
 
 def test_show_parameters_skips_none_and_empty_lists() -> None:
     assert format_parameters({"num_ctx": None, "stop": []}) == ""
+
+
+@pytest.mark.parametrize("name,value", [
+    ("num_ctx", -1), ("num_ctx", 1 << 30), ("num_batch", 0), ("num_predict", -3), ("top_k", -1),
+    ("top_k", 2**40), ("num_keep", -5), ("repeat_last_n", -2), ("num_thread", 100_000), ("main_gpu", -1),
+    ("num_gpu", -7), ("top_p", 1.5), ("min_p", -0.1), ("typical_p", 2.0),
+])
+def test_values_llama_cpp_cannot_take_are_refused_by_name(name: str, value: int | float) -> None:
+    with pytest.raises(options.InvalidOption, match=f'option "{name}" is') as error:
+        options.parse_options({name: value})
+    assert error.value.field == f"options.{name}"
+    with pytest.raises(options.InvalidOption, match=f'option "{name}" is'):
+        options.parse_parameter(name, str(value))
+
+
+@pytest.mark.parametrize("name,value", [
+    ("num_ctx", 0), ("num_predict", -2), ("num_predict", -1), ("top_k", 0), ("num_keep", -1), ("num_gpu", -1),
+    ("repeat_last_n", -1), ("seed", -(2**63)), ("seed", 2**63 - 1), ("temperature", -1.0), ("top_p", 1.0),
+])
+def test_edge_values_within_range_are_kept(name: str, value: int | float) -> None:
+    assert options.parse_options({name: value}).values[name] == value
+
+
+def test_stop_strings_are_bounded() -> None:
+    assert options.parse_options({"stop": ["a"] * options.MAX_STOPS}).values["stop"] == ("a",) * options.MAX_STOPS
+    with pytest.raises(options.InvalidOption, match="at most"):
+        options.parse_options({"stop": ["a"] * (options.MAX_STOPS + 1)})
+    with pytest.raises(options.InvalidOption, match="at most"):
+        options.parse_options({"stop": ["a" * (options.MAX_STOP_LENGTH + 1)]})

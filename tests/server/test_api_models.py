@@ -70,7 +70,7 @@ def test_show_reports_template_parameters_and_model_info(http: httpx.Client) -> 
         ({"model": "no-such-model"}, 404, "model 'no-such-model' not found"),
         ({}, 400, "model is required"),
         ({"model": "../../etc/passwd"}, 400, "invalid model name"),
-        ({"model": 42}, 400, "invalid request"),
+        ({"model": 42}, 400, 'invalid value for "model": expected a string'),
     ],
 )
 def test_show_errors(http: httpx.Client, body: dict, status: int, message: str) -> None:

@@ -119,34 +119,22 @@ def test_a_body_declared_over_the_bound_is_refused_at_once(server: BerthServer) 
     assert status == 400 and "limit" in answer
 
 
-def test_a_local_client_may_hand_over_a_file_by_path(http: httpx.Client, server: BerthServer,
-                                                     tmp_path: Path) -> None:
+def test_a_local_client_hands_files_over_its_socket(http: httpx.Client, server: BerthServer,
+                                                   tmp_path: Path) -> None:
+    """No path goes over HTTP: the client opens the file and passes the descriptor, and the server
+    links that very inode into its store."""
+    from registry.file_handoff import hand_over
+
     path = tmp_path / "model.gguf"
     path.write_bytes(unique_gguf())
-    digest = Digest.of_bytes(path.read_bytes())
-    response = http.post(f"/api/blobs/{sha_zero()}", params={"path": str(path)})
-    assert response.status_code == 400 and "digest mismatch" in response.json()["error"]
-    response = http.post(f"/api/blobs/{digest}", params={"path": str(tmp_path / 'missing.gguf')})
-    assert response.status_code == 400 and response.json()["error"].startswith("cannot read")
-    response = http.post(f"/api/blobs/{digest}", params={"path": "model.gguf"})
-    assert response.status_code == 400 and "path must be absolute" in response.json()["error"]
-    assert http.post(f"/api/blobs/{digest}", params={"path": str(path)}).status_code == 201
-    assert blob_file(server, digest).stat().st_ino == path.stat().st_ino  # linked, not copied
-    assert http.post(f"/api/blobs/{digest}", params={"path": str(path)}).status_code == 200
-
-
-def test_a_local_client_may_name_files_by_path_in_create(client: ollama.Client, http: httpx.Client,
-                                                      server: BerthServer, tmp_path: Path) -> None:
-    path = tmp_path / "model.gguf"
-    path.write_bytes(unique_gguf())
-    info = path.stat()
-    seen = {"device": info.st_dev, "inode": info.st_ino, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
-    body = {"model": PREFIX + "by-path", "files": {"model.gguf": str(path)}, "stream": False}
-    other = http.post("/api/create", json={**body, "file_identities": {str(path): {**seen, "size": 1}}})
-    assert other.status_code == 400 and other.json()["error"].startswith(f'cannot read "{path}"')
-    response = http.post("/api/create", json={**body, "file_identities": {str(path): seen}})
-    assert response.status_code == 200, response.text
-    assert blob_file(server, Digest.of_bytes(path.read_bytes())).stat().st_ino == info.st_ino
+    socket_name = http.get("/api/handoff").json()["socket"]
+    received = hand_over(socket_name, [str(path)])
+    assert received[0].digest == str(Digest.of_bytes(path.read_bytes()))
+    assert http.head(f"/api/blobs/{received[0].digest}").status_code == 200
+    if received[0].method == "hardlink":
+        assert blob_file(server, received[0].digest).stat().st_ino == path.stat().st_ino  # linked, not copied
+    body = {"model": PREFIX + "handed", "files": {"model.gguf": received[0].digest}, "stream": False}
+    assert http.post("/api/create", json=body).json() == {"status": "success"}
 
 
 def sha_zero() -> str:
@@ -248,12 +236,6 @@ def test_the_early_2024_shape_with_blob_references(client: ollama.Client, http: 
     # FROM an existing model, in the same shape (the old Python client sent exactly this).
     response = http.post("/api/create", json={"name": PREFIX + "old2", "modelfile": f"FROM {MODEL}\nSYSTEM two"})
     assert response.status_code == 200 and response.text.splitlines()[-1] == '{"status":"success"}'
-    # A loopback client may name a Modelfile on the server's disk; its FROM is relative to it.
-    (tmp_path / "weights.gguf").write_bytes(data)
-    (tmp_path / "Modelfile").write_text("FROM ./weights.gguf\nSYSTEM from a path\n")
-    response = http.post("/api/create", json={"name": PREFIX + "old3", "path": str(tmp_path / "Modelfile"),
-                                              "stream": False})
-    assert response.status_code == 200, response.text
     bad = http.post("/api/create", json={"name": PREFIX + "x", "modelfile": "FROM x\nFLY away\n"})
     assert bad.status_code == 400 and bad.json()["error"].startswith("(line 2): command must be one of")
 

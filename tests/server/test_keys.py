@@ -109,3 +109,59 @@ def test_clients_send_keys(locked_server: BerthServer) -> None:
 
     native = ollama.Client(host=locked_server.url, headers={"Authorization": f"Bearer {made.stdout.strip()}"})
     assert native.list().models
+
+
+async def _through_auth(headers: list[tuple[bytes, bytes]], required: bool) -> int:
+    """The status AuthMiddleware gives a loopback request with `headers` (200: passed on)."""
+    from server.auth import AuthMiddleware
+
+    statuses: list[int] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        statuses.append(200)
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    middleware = AuthMiddleware(app, keys=None, required=required, loopback_needs_key=False)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "GET", "path": "/api/tags", "client": ("127.0.0.1", 40000), "headers": headers}
+    await middleware(scope, None, send)  # type: ignore[arg-type]
+    return statuses[0]
+
+
+@pytest.mark.parametrize("header", [b"x-forwarded-for", b"x-real-ip", b"forwarded"])
+def test_a_request_relayed_by_a_proxy_is_not_a_local_client(header: bytes) -> None:
+    import asyncio
+
+    assert asyncio.run(_through_auth([], required=True)) == 200  # a local client needs no key
+    assert asyncio.run(_through_auth([(header, b"203.0.113.9")], required=True)) == 401
+
+
+def test_a_loopback_server_without_keys_warns_once_about_a_proxy(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from server.auth import AuthMiddleware
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        pass
+
+    middleware = AuthMiddleware(app, keys=None, required=False, loopback_needs_key=False)  # type: ignore[arg-type]
+    relayed = {"type": "http", "method": "GET", "path": "/api/tags", "client": ("127.0.0.1", 1),
+               "headers": [(b"x-forwarded-for", b"203.0.113.9")]}
+    with caplog.at_level("WARNING", logger="berth.auth"):
+        for _ in range(3):
+            asyncio.run(middleware(dict(relayed), None, None))  # type: ignore[arg-type]
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "relayed to this server by a proxy" in caplog.records[0].message
+
+
+def test_a_live_key_name_is_a_conflict_and_a_revoked_one_is_free(locked_server: BerthServer) -> None:
+    url = locked_server.url
+    admin = {"Authorization": f"Bearer {admin_key(locked_server)}"}
+    assert httpx.post(url + "/api/keys", json={"name": "carol"}, headers=admin).status_code == 200
+    again = httpx.post(url + "/api/keys", json={"name": "carol"}, headers=admin)
+    assert again.status_code == 409 and "revoke it first" in again.json()["error"]
+    assert httpx.request("DELETE", url + "/api/keys", json={"name": "carol"}, headers=admin).status_code == 200
+    remade = httpx.post(url + "/api/keys", json={"name": "carol", "scope": "write"}, headers=admin)
+    assert remade.status_code == 200 and remade.json()["scope"] == "write"

@@ -71,7 +71,7 @@ def test_image_positions_are_counted(vision_model: str, http: httpx.Client) -> N
 def test_bad_images_are_a_clear_error_and_the_runner_goes_on(vision_model: str, http: httpx.Client) -> None:
     reply = http.post("/api/generate", json={"model": vision_model, "prompt": "hi", "stream": False,
                                              "images": [base64.b64encode(b"not an image at all").decode()]})
-    assert reply.status_code == 400 and "image 0 could not be decoded" in reply.json()["error"]
+    assert reply.status_code == 400 and "image 0 is not a PNG, JPEG, GIF or BMP image" in reply.json()["error"]
     again = http.post("/api/generate", json={"model": vision_model, "prompt": "hi", "stream": False,
                                              "images": [base64.b64encode(png(8, 8)).decode()], "options": GREEDY})
     assert again.status_code == 200 and again.json()["done"]
