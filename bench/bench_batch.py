@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.batch_engine import BatchEngine  # noqa: E402
+from berth.server.batch_engine import BatchEngine  # noqa: E402
 
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",

@@ -31,7 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_ingest import default_file, time_openssl  # noqa: E402
-from cli.create import create_command  # noqa: E402
+from berth.cli.create import create_command  # noqa: E402
 
 BERTH = str(Path(sys.executable).parent / "berth")
 NAME = "bench-create"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registry.blobstore import CHUNK_SIZE, BlobStore  # noqa: E402
-from registry.default_model import find_bundled  # noqa: E402
+from berth.registry.blobstore import CHUNK_SIZE, BlobStore  # noqa: E402
+from berth.registry.default_model import find_bundled  # noqa: E402
 
 
 def default_file(workdir: Path) -> Path:

@@ -34,13 +34,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from registry.default_model import ensure_default_model  # noqa: E402
-from registry.library import Library  # noqa: E402
-from registry.manifest import MODEL_LAYER  # noqa: E402
-from registry.names import ModelName  # noqa: E402
-from registry.oci import RegistryClient  # noqa: E402
-from registry.pull import CHECKPOINT_BYTES, DEFAULT_CHUNK_SIZE, DEFAULT_PARALLEL  # noqa: E402
-from registry.push import Pusher  # noqa: E402
+from berth.registry.default_model import ensure_default_model  # noqa: E402
+from berth.registry.library import Library  # noqa: E402
+from berth.registry.manifest import MODEL_LAYER  # noqa: E402
+from berth.registry.names import ModelName  # noqa: E402
+from berth.registry.oci import RegistryClient  # noqa: E402
+from berth.registry.pull import CHECKPOINT_BYTES, DEFAULT_CHUNK_SIZE, DEFAULT_PARALLEL  # noqa: E402
+from berth.registry.push import Pusher  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 from tests.registry_fixture import start_registry  # noqa: E402
 
@@ -265,7 +265,7 @@ def main() -> None:
         server.process.wait(timeout=10)
         first = proxy.reset()
         library = Library(models)
-        from registry.catalog.downloads import DownloadJournal
+        from berth.registry.catalog.downloads import DownloadJournal
 
         state = DownloadJournal(library).load(weights.digest)
         on_disk = sum(c.completed for c in state.chunks.values()) if state else 0

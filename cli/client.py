@@ -13,8 +13,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from registry import bounded_json
-from server.address import HostAddress, client_address, host_from_env
+from berth.registry import bounded_json
+from berth.server.address import HostAddress, client_address, host_from_env
 
 
 class ClientError(Exception):

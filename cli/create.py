@@ -25,12 +25,12 @@ from typing import Any
 
 import typer
 
-from cli.client import Client, ClientError
-from cli.humanize import human_bytes
-from registry import file_handoff, modelfile_request
-from registry.adopt import COPY, HARDLINK, REFLINK
-from registry.errors import BerthError, InvalidInput
-from registry.modelfile import parse as parse_modelfile
+from berth.cli.client import Client, ClientError
+from berth.cli.humanize import human_bytes
+from berth.registry import file_handoff, modelfile_request
+from berth.registry.adopt import COPY, HARDLINK, REFLINK
+from berth.registry.errors import BerthError, InvalidInput
+from berth.registry.modelfile import parse as parse_modelfile
 
 READ_CHUNK = 1024 * 1024
 _PLACED = {REFLINK: "cloned", HARDLINK: "linked", COPY: "copied"}
@@ -214,9 +214,9 @@ def _stream_create(client: Client, body: dict[str, Any], out: _Output) -> None:
 
 def import_ollama_command(directory: str | None) -> None:
     """Register every model of the Ollama store at `directory` in BERTH_MODELS, linking blobs."""
-    from registry.library import Library
-    from registry.ollama_import import AlreadyPresent, Imported, default_ollama_dir, import_store
-    from server.settings import Settings
+    from berth.registry.library import Library
+    from berth.registry.ollama_import import AlreadyPresent, Imported, default_ollama_dir, import_store
+    from berth.server.settings import Settings
 
     root = Path(directory).expanduser() if directory else default_ollama_dir()
     try:

@@ -1,8 +1,9 @@
-"""Human-readable sizes and times, as Ollama's CLI prints them."""
+"""Human-readable sizes, times and model summaries, as Ollama's CLI prints them."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 
 def human_bytes(size: int) -> str:
@@ -57,3 +58,25 @@ def human_time(moment: datetime, now: datetime | None = None) -> str:
     if delta >= 0:
         return f"{human_duration(delta)} from now"
     return f"{human_duration(-delta)} ago"
+
+
+def show_summary(info: dict[str, Any]) -> str:
+    details = info.get("details") or {}
+    model_info = info.get("model_info") or {}
+    arch = model_info.get("general.architecture") or details.get("family", "")
+    rows = [("architecture", arch), ("parameters", details.get("parameter_size", ""))]
+    if f"{arch}.context_length" in model_info:
+        rows.append(("context length", str(model_info[f"{arch}.context_length"])))
+    if f"{arch}.embedding_length" in model_info:
+        rows.append(("embedding length", str(model_info[f"{arch}.embedding_length"])))
+    rows.append(("quantization", details.get("quantization_level", "")))
+    out = ["  Model"] + [f"    {key:<20}{value}" for key, value in rows]
+    if info.get("capabilities"):
+        out += ["", "  Capabilities"] + [f"    {cap}" for cap in info["capabilities"]]
+    if info.get("parameters"):
+        out += ["", "  Parameters"] + [f"    {line}" for line in info["parameters"].splitlines()]
+    if info.get("system"):
+        out += ["", "  System"] + [f"    {line}" for line in info["system"].splitlines()[:5]]
+    if info.get("license"):
+        out += ["", "  License"] + [f"    {line}" for line in info["license"].splitlines()[:2]]
+    return "\n".join(out) + "\n"

@@ -9,8 +9,8 @@ from typing import Any, Callable, NoReturn, Optional
 
 import typer
 
-from cli.client import Client, ClientError
-from cli.humanize import human_bytes, human_time
+from berth.cli.client import Client, ClientError
+from berth.cli.humanize import human_bytes, human_time, show_summary
 
 app = typer.Typer(
     name="berth",
@@ -37,7 +37,7 @@ def _run(action: Callable[[], None]) -> None:
 def _version_callback(value: bool) -> None:
     if not value:
         return
-    from server import __version__
+    from berth.server import __version__
 
     typer.echo(f"berth version is {__version__}")
     try:
@@ -65,9 +65,9 @@ def serve(
     """Start the server (BERTH_HOST, default 127.0.0.1:11434; models in BERTH_MODELS)."""
     import dataclasses
 
-    from registry.errors import BerthError
-    from server.app import serve as run_server
-    from server.settings import Settings
+    from berth.registry.errors import BerthError
+    from berth.server.app import serve as run_server
+    from berth.server.settings import Settings
 
     try:
         settings = Settings.from_env()
@@ -129,28 +129,6 @@ def _show(model: str, section: Optional[str], as_json: bool) -> None:
     typer.echo(show_summary(info))
 
 
-def show_summary(info: dict[str, Any]) -> str:
-    details = info.get("details") or {}
-    model_info = info.get("model_info") or {}
-    arch = model_info.get("general.architecture") or details.get("family", "")
-    rows = [("architecture", arch), ("parameters", details.get("parameter_size", ""))]
-    if f"{arch}.context_length" in model_info:
-        rows.append(("context length", str(model_info[f"{arch}.context_length"])))
-    if f"{arch}.embedding_length" in model_info:
-        rows.append(("embedding length", str(model_info[f"{arch}.embedding_length"])))
-    rows.append(("quantization", details.get("quantization_level", "")))
-    out = ["  Model"] + [f"    {key:<20}{value}" for key, value in rows]
-    if info.get("capabilities"):
-        out += ["", "  Capabilities"] + [f"    {cap}" for cap in info["capabilities"]]
-    if info.get("parameters"):
-        out += ["", "  Parameters"] + [f"    {line}" for line in info["parameters"].splitlines()]
-    if info.get("system"):
-        out += ["", "  System"] + [f"    {line}" for line in info["system"].splitlines()[:5]]
-    if info.get("license"):
-        out += ["", "  License"] + [f"    {line}" for line in info["license"].splitlines()[:2]]
-    return "\n".join(out) + "\n"
-
-
 @app.command()
 def show(
     model: str = typer.Argument(..., help="Model name."),
@@ -180,7 +158,7 @@ def run(
     insecure: bool = typer.Option(False, "--insecure", help="Use an insecure registry when pulling."),
 ) -> None:
     """Run a model: answer a prompt, or chat interactively."""
-    from cli.run import run_command
+    from berth.cli.run import run_command
 
     _run(lambda: run_command(model, prompt or [], verbose=verbose, fmt=format, keepalive=keepalive,
                              nowordwrap=nowordwrap, insecure=insecure))
@@ -248,8 +226,8 @@ def stop(model: str = typer.Argument(..., help="Model to unload.")) -> None:
     """Stop a running model (unload it from memory)."""
 
     def action() -> None:
-        from registry.errors import InvalidName
-        from registry.names import ModelName
+        from berth.registry.errors import InvalidName
+        from berth.registry.names import ModelName
 
         try:
             display = ModelName.parse(model).display.lower()
@@ -267,10 +245,10 @@ def stop(model: str = typer.Argument(..., help="Model to unload.")) -> None:
 @app.command()
 def fsck(repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed.")) -> None:
     """Re-hash every blob in BERTH_MODELS and check the catalog against the blob store."""
-    from registry.errors import BerthError
-    from registry.fsck import fsck as run_fsck
-    from registry.library import Library
-    from server.settings import Settings
+    from berth.registry.errors import BerthError
+    from berth.registry.fsck import fsck as run_fsck
+    from berth.registry.library import Library
+    from berth.server.settings import Settings
 
     try:
         library = Library(Settings.from_env().models_dir)
@@ -303,7 +281,7 @@ def create(
                                 help="Upload the files even when the server runs on this machine (no linking)."),
 ) -> None:
     """Create a model from a Modelfile; local files are uploaded (or linked, for a local server)."""
-    from cli.create import create_command
+    from berth.cli.create import create_command
 
     if quantize:
         _fail(f"quantizing to {quantize} is not supported yet; create from a GGUF that is already quantized "
@@ -317,7 +295,7 @@ def import_ollama(
         None, help="An Ollama models folder (default $OLLAMA_MODELS, else ~/.ollama/models)."),
 ) -> None:
     """Register the models of an Ollama store in BERTH_MODELS, linking its blobs (nothing is downloaded)."""
-    from cli.create import import_ollama_command
+    from berth.cli.create import import_ollama_command
 
     _run(lambda: import_ollama_command(directory))
 
@@ -330,7 +308,7 @@ def pull(
                                            help="Cap this pull's download rate, e.g. 50M (bytes/s)."),
 ) -> None:
     """Pull a model from a registry (resumes an interrupted pull)."""
-    from cli import transfer
+    from berth.cli import transfer
 
     _run(lambda: transfer.pull(model, insecure, max_rate))
 
@@ -346,7 +324,7 @@ def push(
              "Default: sign when the server has BERTH_SIGNING_KEY set."),
 ) -> None:
     """Push a model to a registry."""
-    from cli import transfer
+    from berth.cli import transfer
 
     _run(lambda: transfer.push(model, insecure, oci, sign))
 
@@ -354,7 +332,7 @@ def push(
 @app.command("key")
 def key(pem: bool = typer.Option(False, "--pem", help="Print it as a PEM public key (for openssl).")) -> None:
     """Print your public key (created on first use), for a registry account or a trust policy."""
-    from cli import transfer
+    from berth.cli import transfer
 
     _run(lambda: typer.echo(transfer.public_key(pem)))
 
@@ -370,7 +348,7 @@ def verify(
 
     A model the server has is checked as stored (the signatures must sign its local manifest);
     otherwise the manifest the registry serves."""
-    from cli import transfer
+    from berth.cli import transfer
 
     _run(lambda: typer.echo(transfer.verify(model, insecure, key, remote)))
 
@@ -383,7 +361,7 @@ def login(
     insecure: bool = typer.Option(False, "--insecure", help="Check the login over plain http."),
 ) -> None:
     """Log in to a registry; the credentials are stored 0600 under the Berth home."""
-    from cli import transfer
+    from berth.cli import transfer
 
     _run(lambda: typer.echo(transfer.login(registry, username, password_stdin, insecure)))
 
@@ -391,7 +369,7 @@ def login(
 @app.command()
 def logout(registry: str = typer.Argument(..., help="Registry host.")) -> None:
     """Forget the stored login for a registry."""
-    from cli import transfer
+    from berth.cli import transfer
 
     _run(lambda: typer.echo(transfer.logout(registry)))
 

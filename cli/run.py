@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
-from cli.client import Client, ClientError
+from berth.cli.client import Client, ClientError
+from berth.cli.humanize import show_summary
 
 HELP = """Available Commands:
   /set            Set session variables
@@ -432,8 +433,8 @@ class Repl:
         return "\n".join(lines).strip()
 
     def _set_parameter(self, args: list[str]) -> None:
-        from registry.errors import InvalidInput
-        from registry.options import parse_parameter
+        from berth.registry.errors import InvalidInput
+        from berth.registry.options import parse_parameter
 
         if len(args) < 2:
             self.out.write("Usage:\n  /set parameter <name> <value>\n")
@@ -455,8 +456,6 @@ class Repl:
         info = self.info
         what = args[0] if args else ""
         if what == "info":
-            from cli.main import show_summary
-
             self.out.write(show_summary(info))
         elif what in ("license", "modelfile", "template", "system"):
             value = info.get(what) or ""
@@ -465,7 +464,7 @@ class Repl:
                 value = override
             self.out.write((value or f"No {what} was specified for this model.") + "\n")
         elif what == "parameters":
-            from registry.options import format_parameters
+            from berth.registry.options import format_parameters
 
             params = info.get("parameters") or ""
             extra = format_parameters(self.session.options) if self.session.options else ""

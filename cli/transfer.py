@@ -13,10 +13,10 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
-from cli.client import Client, ClientError
+from berth.cli.client import Client, ClientError
 
 if TYPE_CHECKING:
-    from registry.names import ModelName
+    from berth.registry.names import ModelName
 
 # Transfers of big models take long; the server sends progress at least every few seconds.
 READ_TIMEOUT = 600.0
@@ -106,9 +106,9 @@ def push(model: str, insecure: bool = False, oci: bool = False, sign: bool | Non
 def public_key(pem: bool = False) -> str:
     """`berth key`: the user's public key line (created on first use), to register with a registry
     or put in someone's trust policy; with `pem`, as a PEM public key, which openssl reads."""
-    from registry.credentials import berth_home
-    from registry.errors import BerthError
-    from registry.user_key import load_or_create_key
+    from berth.registry.credentials import berth_home
+    from berth.registry.errors import BerthError
+    from berth.registry.user_key import load_or_create_key
 
     try:
         key = load_or_create_key(berth_home())
@@ -127,15 +127,15 @@ def verify(model: str, insecure: bool = False, keys: list[str] | None = None, re
     fails. Otherwise, or with `remote`, the manifest the registry serves for the tag is checked."""
     from pathlib import Path
 
-    from registry.credentials import CredentialStore
-    from registry.digest import Digest
-    from registry.errors import BerthError
-    from registry.names import ModelName
-    from registry.network import NetworkSettings
-    from registry.oci import RegistryClient, Repository
-    from registry.pull import fetch_manifest
-    from registry.signing import Signatures, parse_public_key
-    from registry.trust import TrustPolicy
+    from berth.registry.credentials import CredentialStore
+    from berth.registry.digest import Digest
+    from berth.registry.errors import BerthError
+    from berth.registry.names import ModelName
+    from berth.registry.network import NetworkSettings
+    from berth.registry.oci import RegistryClient, Repository
+    from berth.registry.pull import fetch_manifest
+    from berth.registry.signing import Signatures, parse_public_key
+    from berth.registry.trust import TrustPolicy
 
     try:
         name = ModelName.parse(model)
@@ -168,10 +168,10 @@ def _local_digests(name: "ModelName") -> list["Digest"]:
     """The digests the server's copy of `name` may be signed under: its manifest's and, for a Docker
     v2 manifest, the digest of the OCI manifest `berth push --oci` sends for it. Empty when the
     server has no such model (or none is running)."""
-    from registry.digest import Digest
-    from registry.errors import BerthError
-    from registry.manifest import DOCKER_MANIFEST, Manifest
-    from registry.push import oci_manifest
+    from berth.registry.digest import Digest
+    from berth.registry.errors import BerthError
+    from berth.registry.manifest import DOCKER_MANIFEST, Manifest
+    from berth.registry.push import oci_manifest
 
     found = _local_digest(name)
     if found is None:
@@ -191,8 +191,8 @@ def _local_digests(name: "ModelName") -> list["Digest"]:
 def _local_digest(name: "ModelName") -> str | None:
     """The manifest digest (hex) of `name` on the server, or None when it has no such model or no
     server is running (then only the registry can be asked)."""
-    from registry.errors import BerthError
-    from registry.names import ModelName
+    from berth.registry.errors import BerthError
+    from berth.registry.names import ModelName
 
     try:
         models = Client(timeout=10).get_json("/api/tags").get("models", [])
@@ -211,10 +211,10 @@ def login(registry: str, username: str | None, password_stdin: bool, insecure: b
     """Check the credentials against the registry, then store them; returns the message to print."""
     import typer
 
-    from registry.credentials import Credential, CredentialStore, normalize_host
-    from registry.errors import BerthError
-    from registry.network import NetworkSettings
-    from registry.oci import RegistryClient, Repository
+    from berth.registry.credentials import Credential, CredentialStore, normalize_host
+    from berth.registry.errors import BerthError
+    from berth.registry.network import NetworkSettings
+    from berth.registry.oci import RegistryClient, Repository
 
     try:
         host = normalize_host(registry)
@@ -243,8 +243,8 @@ def login(registry: str, username: str | None, password_stdin: bool, insecure: b
 
 
 def logout(registry: str) -> str:
-    from registry.credentials import CredentialStore
-    from registry.errors import BerthError
+    from berth.registry.credentials import CredentialStore
+    from berth.registry.errors import BerthError
 
     try:
         removed = CredentialStore().remove(registry)

@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from registry.catalog.schema import Base
+from berth.registry.catalog.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

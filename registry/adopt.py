@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from registry.blobstore import TEMP_PREFIX, BlobStore, StoredBlob
-from registry.digest import Digest
-from registry.errors import DigestMismatch, InvalidInput, TooLarge
+from berth.registry.blobstore import TEMP_PREFIX, BlobStore, StoredBlob
+from berth.registry.digest import Digest
+from berth.registry.errors import DigestMismatch, InvalidInput, TooLarge
 
 # linux/fs.h: _IOW(0x94, 9, int)
 FICLONE = 0x40049409

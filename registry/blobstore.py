@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from registry.digest import Digest
-from registry.errors import BlobNotFound, DigestMismatch, TooLarge
+from berth.registry.digest import Digest
+from berth.registry.errors import BlobNotFound, DigestMismatch, TooLarge
 
 TEMP_PREFIX = ".incoming-"
 # Large enough that Python overhead per chunk is noise next to hashing and I/O.

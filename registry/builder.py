@@ -11,10 +11,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry.digest import Digest
-from registry.library import GcReport, Library
-from registry.manifest import DOCKER_CONFIG, Descriptor, Manifest, ModelConfig
-from registry.names import ModelName
+from berth.registry.digest import Digest
+from berth.registry.library import GcReport, Library
+from berth.registry.manifest import DOCKER_CONFIG, Descriptor, Manifest, ModelConfig
+from berth.registry.names import ModelName
 
 
 @dataclass

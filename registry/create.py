@@ -26,12 +26,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from registry import gguf, modelfile_request, options
-from registry.builder import ModelBuilder
-from registry.digest import Digest
-from registry.errors import InvalidInput, ModelNotFound
-from registry.library import Library
-from registry.manifest import (
+from berth.registry import gguf, modelfile_request, options
+from berth.registry.builder import ModelBuilder
+from berth.registry.digest import Digest
+from berth.registry.errors import InvalidInput, ModelNotFound
+from berth.registry.library import Library
+from berth.registry.manifest import (
     LICENSE_LAYER,
     MESSAGES_LAYER,
     PARAMS_LAYER,
@@ -41,10 +41,10 @@ from registry.manifest import (
     Descriptor,
     ModelConfig,
 )
-from registry.modelfile import MESSAGE_ROLES, Message
-from registry.modelfile import parse as parse_modelfile
-from registry.names import ModelName
-from registry.options import OptionValues
+from berth.registry.modelfile import MESSAGE_ROLES, Message
+from berth.registry.modelfile import parse as parse_modelfile
+from berth.registry.names import ModelName
+from berth.registry.options import OptionValues
 
 # The largest file create accepts: far above any GGUF that fits one machine, low enough to stop
 # a stream that never ends. `POST /api/blobs` uses the same bound.

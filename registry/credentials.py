@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from registry.errors import CorruptData, InvalidInput
+from berth.registry.errors import CorruptData, InvalidInput
 
 CREDENTIALS_FILE = "credentials.json"
 # A credentials file is a few hundred bytes; a huge one is not ours.

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from registry import gguf
-from registry.blobstore import CHUNK_SIZE
-from registry.builder import ModelBuilder
-from registry.digest import Digest
-from registry.errors import BerthError, ModelNotFound
-from registry.library import Library
-from registry.manifest import LICENSE_LAYER, MODEL_LAYER, PARAMS_LAYER, TEMPLATE_LAYER, ModelConfig
-from registry.names import ModelName
+from berth.registry import gguf
+from berth.registry.blobstore import CHUNK_SIZE
+from berth.registry.builder import ModelBuilder
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError, ModelNotFound
+from berth.registry.library import Library
+from berth.registry.manifest import LICENSE_LAYER, MODEL_LAYER, PARAMS_LAYER, TEMPLATE_LAYER, ModelConfig
+from berth.registry.names import ModelName
 
 log = logging.getLogger("berth.default_model")
 

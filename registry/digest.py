@@ -10,7 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from registry.errors import InvalidDigest
+from berth.registry.errors import InvalidDigest
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOB_FILE = re.compile(r"sha256-[0-9a-f]{64}")

@@ -32,10 +32,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from registry.adopt import stage_descriptor
-from registry.blobstore import BlobStore
-from registry.bounded_json import decode
-from registry.errors import BerthError
+from berth.registry.adopt import stage_descriptor
+from berth.registry.blobstore import BlobStore
+from berth.registry.bounded_json import decode
+from berth.registry.errors import BerthError
 
 log = logging.getLogger("berth.handoff")
 

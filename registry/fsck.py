@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select
 
-from registry.catalog.schema import BlobRow, LayerRow, ManifestRow, TagRow
-from registry.digest import Digest
-from registry.library import Library, utcnow
-from registry.names import ModelName
+from berth.registry.catalog.schema import BlobRow, LayerRow, ManifestRow, TagRow
+from berth.registry.digest import Digest
+from berth.registry.library import Library, utcnow
+from berth.registry.names import ModelName
 
 # Files younger than this may belong to an upload in progress in another process.
 ORPHAN_GRACE_SECONDS = 3600

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, BinaryIO, Final
 
-from registry.errors import InvalidInput
+from berth.registry.errors import InvalidInput
 
 __all__ = [
     "FILE_TYPE_NAMES",

@@ -20,9 +20,9 @@ from datetime import datetime
 from sqlalchemy import DateTime, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from registry.catalog.schema import Base
-from registry.errors import Conflict, InvalidInput, NotFound
-from registry.library import Library, utcnow
+from berth.registry.catalog.schema import Base
+from berth.registry.errors import Conflict, InvalidInput, NotFound
+from berth.registry.library import Library, utcnow
 
 SCOPES = ("read", "write", "admin")
 KEY_PREFIX = "berth_"

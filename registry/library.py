@@ -20,14 +20,14 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from registry import bounded_json
-from registry.blobstore import BlobStore
-from registry.catalog import database
-from registry.catalog.schema import BlobRow, LayerRow, ManifestRow, TagRow
-from registry.digest import Digest
-from registry.errors import CorruptData, InvalidInput, ModelNotFound
-from registry.manifest import MAX_TEXT_LAYER_BYTES, Descriptor, Manifest, ModelConfig
-from registry.names import ModelName
+from berth.registry import bounded_json
+from berth.registry.blobstore import BlobStore
+from berth.registry.catalog import database
+from berth.registry.catalog.schema import BlobRow, LayerRow, ManifestRow, TagRow
+from berth.registry.digest import Digest
+from berth.registry.errors import CorruptData, InvalidInput, ModelNotFound
+from berth.registry.manifest import MAX_TEXT_LAYER_BYTES, Descriptor, Manifest, ModelConfig
+from berth.registry.names import ModelName
 
 CONFIG_POSITION = -1
 

@@ -10,9 +10,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry import bounded_json
-from registry.digest import Digest
-from registry.errors import CorruptData, InvalidInput
+from berth.registry import bounded_json
+from berth.registry.digest import Digest
+from berth.registry.errors import CorruptData, InvalidInput
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from registry.errors import InvalidInput
-from registry.options import (
+from berth.registry.errors import InvalidInput
+from berth.registry.options import (
     DEPRECATED_OPTIONS,
     OPTION_SPECS,
     InvalidOption,

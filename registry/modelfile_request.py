@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from registry.errors import InvalidInput
-from registry.modelfile import Message, Modelfile
-from registry.options import OptionValue, OptionValues
+from berth.registry.errors import InvalidInput
+from berth.registry.modelfile import Message, Modelfile
+from berth.registry.options import OptionValue, OptionValues
 
 Source = TypeVar("Source")
 

@@ -62,7 +62,7 @@ class ModelName:
     @classmethod
     def parse(cls, text: str) -> "ModelName":
         """Parse and validate `text`, filling defaults; raise InvalidName naming the broken rule."""
-        from registry.errors import InvalidName
+        from berth.registry.errors import InvalidName
 
         if not isinstance(text, str) or not text.strip():
             raise InvalidName("invalid model name: the name is empty")

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from registry.errors import InvalidInput
-from registry.rate import parse_rate
+from berth.registry.errors import InvalidInput
+from berth.registry.rate import parse_rate
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 

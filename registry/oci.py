@@ -36,13 +36,13 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
-from registry import bounded_json
-from registry.credentials import Credential
-from registry.digest import Digest
-from registry.errors import BerthError, NotFound, TooLarge
-from registry.names import ModelName
-from registry.network import NetworkSettings
-from registry.ollama_auth import RequestSigner
+from berth.registry import bounded_json
+from berth.registry.credentials import Credential
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError, NotFound, TooLarge
+from berth.registry.names import ModelName
+from berth.registry.network import NetworkSettings
+from berth.registry.ollama_auth import RequestSigner
 
 USER_AGENT = "berth/0.1 (registry client)"
 # Tokens, error bodies and upload status answers are tiny; this bounds what a hostile peer can make

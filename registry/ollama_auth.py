@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from registry.user_key import KeyHolder, b64
+from berth.registry.user_key import KeyHolder, b64
 
 OLLAMA_REGISTRIES = frozenset({"registry.ollama.ai", "ollama.com"})
 # base64(hex(sha256(b""))): token requests have no body.

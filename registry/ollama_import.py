@@ -17,13 +17,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from registry import gguf
-from registry.adopt import adopt
-from registry.digest import Digest
-from registry.errors import BerthError, InvalidInput, ModelNotFound
-from registry.library import Library
-from registry.manifest import MAX_MANIFEST_BYTES, MODEL_LAYER, Manifest
-from registry.names import ModelName
+from berth.registry import gguf
+from berth.registry.adopt import adopt
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError, InvalidInput, ModelNotFound
+from berth.registry.library import Library
+from berth.registry.manifest import MAX_MANIFEST_BYTES, MODEL_LAYER, Manifest
+from berth.registry.names import ModelName
 
 log = logging.getLogger("berth.import")
 

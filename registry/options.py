@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeAlias
 
-from registry.errors import InvalidField, InvalidInput
+from berth.registry.errors import InvalidField, InvalidInput
 
 OptionValue: TypeAlias = int | float | bool | tuple[str, ...]
 

@@ -48,19 +48,19 @@ from typing import Any, Callable, Protocol
 
 import httpx
 
-from registry.blobstore import BlobStore
-from registry.body import write_body
-from registry.catalog.downloads import DownloadJournal
-from registry.digest import Digest
-from registry.errors import BerthError, DigestMismatch, InvalidInput
-from registry.library import Library
-from registry.manifest import DOCKER_MANIFEST, MANIFEST_TYPES, MAX_MANIFEST_BYTES, Descriptor, Manifest
-from registry.names import ModelName
-from registry.oci import (RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, RegistryUnauthorized,
+from berth.registry.blobstore import BlobStore
+from berth.registry.body import write_body
+from berth.registry.catalog.downloads import DownloadJournal
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError, DigestMismatch, InvalidInput
+from berth.registry.library import Library
+from berth.registry.manifest import DOCKER_MANIFEST, MANIFEST_TYPES, MAX_MANIFEST_BYTES, Descriptor, Manifest
+from berth.registry.names import ModelName
+from berth.registry.oci import (RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, RegistryUnauthorized,
                           Repository, describe, read_bounded)
-from registry.rate import RateLimiter
-from registry.signing import Signatures
-from registry.trust import TrustMode, TrustPolicy, UntrustedModel, decide
+from berth.registry.rate import RateLimiter
+from berth.registry.signing import Signatures
+from berth.registry.trust import TrustMode, TrustPolicy, UntrustedModel, decide
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]

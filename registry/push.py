@@ -21,18 +21,18 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
-from registry.digest import Digest
-from registry.errors import BerthError, InvalidInput
-from registry.library import Library
-from registry.manifest import OCI_MANIFEST, Descriptor, Manifest
-from registry.names import ModelName
-from registry.oci import (RegistryClient, RegistryError, RegistryRefused, RegistryUnauthorized, Repository,
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError, InvalidInput
+from berth.registry.library import Library
+from berth.registry.manifest import OCI_MANIFEST, Descriptor, Manifest
+from berth.registry.names import ModelName
+from berth.registry.oci import (RegistryClient, RegistryError, RegistryRefused, RegistryUnauthorized, Repository,
                           read_bounded)
-from registry.pull import Emit, progress
-from registry.signing import Signatures
-from registry.user_key import UserKey
+from berth.registry.blob_upload import upload_location, with_query
+from berth.registry.pull import Emit, progress
+from berth.registry.signing import Signatures
+from berth.registry.user_key import UserKey
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DEFAULT_UPLOAD_CHUNK = 32 * 1024 * 1024
@@ -68,34 +68,6 @@ def parse_range_end(value: str | None) -> int:
     # distribution answers `0-0` for an empty upload as well as for a 1-byte one; chunks are
     # never 1 byte, so 0-0 means empty.
     return int(last) + 1 if last.isdigit() and int(last) > 0 else 0
-
-
-def _upload_location(repo: Repository, headers: Any) -> str:
-    location = headers.get("docker-upload-location") or headers.get("location")
-    if not location:
-        raise RegistryError(f"{repo.host} started an upload but gave no Location to send it to")
-    return repo.absolute(location)
-
-
-def _with_query(url: str, key: str, value: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}{key}={quote(value, safe=':')}"
-
-
-def upload_bytes(client: RegistryClient, repo: Repository, data: bytes) -> Digest:
-    """Upload a small blob held in memory (HEAD first, then POST + one PUT): signature artifacts."""
-    digest = Digest.of_bytes(data)
-    scope = repo.scope("pull", "push")
-    head = client.request("HEAD", repo.blob_url(digest), repo, scope, ok=(200, 404))
-    head.close()
-    if head.status_code == 200:
-        return digest
-    started = client.request("POST", repo.uploads_url(), repo, scope, ok=(202,))
-    started.close()
-    location = _with_query(_upload_location(repo, started.headers), "digest", str(digest))
-    done = client.request("PUT", location, repo, scope, content=data, ok=(201, 204),
-                          headers={"Content-Type": "application/octet-stream"})
-    done.close()
-    return digest
 
 
 class Pusher:
@@ -170,10 +142,10 @@ class Pusher:
             response.close()
             if response.status_code == 201:
                 return "", True
-            return _upload_location(repo, response.headers), False
+            return upload_location(repo, response.headers), False
         response = self.client.request("POST", repo.uploads_url(), repo, repo.scope("pull", "push"), ok=(202,))
         response.close()
-        return _upload_location(repo, response.headers), False
+        return upload_location(repo, response.headers), False
 
     def _upload(self, repo: Repository, desc: Descriptor, location: str, emit: Emit, status: str,
                 cancel: threading.Event) -> int:
@@ -196,7 +168,7 @@ class Pusher:
                         headers={"Content-Type": "application/octet-stream",
                                  "Content-Range": f"{offset}-{offset + length - 1}"})
                     response.close()
-                    location = _upload_location(repo, response.headers)
+                    location = upload_location(repo, response.headers)
                     offset += length
                     sent += length
                     failures = 0
@@ -215,7 +187,7 @@ class Pusher:
                     last_emit = now
         finally:
             os.close(fd)
-        commit = self.client.request("PUT", _with_query(location, "digest", str(desc.digest)), repo, scope,
+        commit = self.client.request("PUT", with_query(location, "digest", str(desc.digest)), repo, scope,
                                      headers={"Content-Length": "0"}, content=b"", ok=(201, 204))
         commit.close()
         return sent
@@ -225,5 +197,5 @@ class Pusher:
         response = self.client.request("GET", location, repo, scope, ok=(204, 200))
         headers = response.headers
         read_bounded(response, 64 * 1024, "upload status")
-        return parse_range_end(headers.get("range")), _upload_location(repo, headers) if (
+        return parse_range_end(headers.get("range")), upload_location(repo, headers) if (
             headers.get("location") or headers.get("docker-upload-location")) else location

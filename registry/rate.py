@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Callable
 
-from registry.errors import InvalidInput
+from berth.registry.errors import InvalidInput
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?(?:/s)?\s*$", re.IGNORECASE)

@@ -50,12 +50,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from registry import bounded_json
-from registry.digest import Digest
-from registry.errors import BerthError, InvalidInput
-from registry.manifest import MANIFEST_TYPES, OCI_MANIFEST
-from registry.oci import RegistryClient, RegistryNotFound, Repository, read_bounded
-from registry.user_key import UserKey
+from berth.registry import bounded_json
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError, InvalidInput
+from berth.registry.blob_upload import upload_bytes
+from berth.registry.manifest import MANIFEST_TYPES, OCI_MANIFEST
+from berth.registry.oci import RegistryClient, RegistryNotFound, Repository, read_bounded
+from berth.registry.user_key import UserKey
 
 SIGNATURE_TYPE = "application/vnd.berth.signature.v1+json"
 PAYLOAD_TYPE = "berth signature"
@@ -151,7 +152,6 @@ class Signatures:
 
     def push(self, repo: Repository, subject_raw: bytes, subject_type: str, key: UserKey) -> Digest:
         """Sign the manifest `subject_raw` and store the signature; returns the signature manifest's digest."""
-        from registry.push import upload_bytes  # push imports this module; kept local to avoid a cycle
 
         subject = Digest.of_bytes(subject_raw)
         body = envelope(key, subject)

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from registry.credentials import CredentialStore, berth_home
-from registry.library import Library
-from registry.network import NetworkSettings
-from registry.oci import RegistryClient
-from registry.ollama_auth import OllamaKeySigner
-from registry.pull import Puller, SharedDownloads
-from registry.push import Pusher
-from registry.rate import RateLimiter
-from registry.trust import TrustPolicy
-from registry.user_key import KeyHolder, UserKey, load_key
+from berth.registry.credentials import CredentialStore, berth_home
+from berth.registry.library import Library
+from berth.registry.network import NetworkSettings
+from berth.registry.oci import RegistryClient
+from berth.registry.ollama_auth import OllamaKeySigner
+from berth.registry.pull import Puller, SharedDownloads
+from berth.registry.push import Pusher
+from berth.registry.rate import RateLimiter
+from berth.registry.trust import TrustPolicy
+from berth.registry.user_key import KeyHolder, UserKey, load_key
 
 
 @dataclass

@@ -27,10 +27,10 @@ from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from registry.digest import Digest
-from registry.errors import InvalidInput
-from registry.oci import Repository
-from registry.signing import SignatureCheck, Signatures, parse_public_key
+from berth.registry.digest import Digest
+from berth.registry.errors import InvalidInput
+from berth.registry.oci import Repository
+from berth.registry.signing import SignatureCheck, Signatures, parse_public_key
 
 MAX_POLICY_BYTES = 1024 * 1024
 

@@ -20,7 +20,7 @@ from typing import Mapping
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from registry.errors import CorruptData
+from berth.registry.errors import CorruptData
 
 KEY_FILE = "id_ed25519"
 SIGNING_KEY_ENV = "BERTH_SIGNING_KEY"

@@ -9,19 +9,19 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 
-from registry.default_model import ensure_default_model
-from registry.library import Library
-from server import __version__
-from server.api import errors, inference, keys, oci, ollama
-from server.api import openai
-from server.api import registry as registry_api
-from server.api import create
-from server.context import AppContext
-from server.auth import AuthMiddleware
-from server.gpu_probe import log_devices
-from server.guard import GuardMiddleware
-from server.metrics import MetricsMiddleware
-from server.settings import Settings
+from berth.registry.default_model import ensure_default_model
+from berth.registry.library import Library
+from berth.server import __version__
+from berth.server.api import errors, inference, keys, oci, ollama
+from berth.server.api import openai
+from berth.server.api import registry as registry_api
+from berth.server.api import create
+from berth.server.context import AppContext
+from berth.server.auth import AuthMiddleware
+from berth.server.gpu_probe import log_devices
+from berth.server.guard import GuardMiddleware
+from berth.server.metrics import MetricsMiddleware
+from berth.server.settings import Settings
 
 log = logging.getLogger("berth.server")
 

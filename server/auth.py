@@ -20,8 +20,8 @@ import ipaddress
 import json
 import logging
 
-from registry.keys import KeyStore
-from server.guard import ASGIApp, Receive, Scope, Send
+from berth.registry.keys import KeyStore
+from berth.server.guard import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("berth.auth")
 

@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from server.runner import InputError, SamplingOptions, _shifted, _split_at_stop, logprob_entry, physical_cores
+from berth.server.runner import InputError, SamplingOptions, _shifted, _split_at_stop, logprob_entry, physical_cores
 
 log = logging.getLogger("berth.batch_engine")
 

@@ -6,16 +6,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from registry.keys import KeyStore
-from registry.library import Library
-from server.inference import Inference
-from server.metrics import Metrics
-from server.scheduler import Scheduler
-from server.settings import Settings
+from berth.registry.keys import KeyStore
+from berth.registry.library import Library
+from berth.server.inference import Inference
+from berth.server.metrics import Metrics
+from berth.server.scheduler import Scheduler
+from berth.server.settings import Settings
 
 if TYPE_CHECKING:
-    from registry.file_handoff import HandoffServer
-    from registry.transfers import Transfers
+    from berth.registry.file_handoff import HandoffServer
+    from berth.registry.transfers import Transfers
 
 
 @dataclass
@@ -35,7 +35,7 @@ class AppContext:
         """Pulls and pushes (registry/transfers.py), built on first use: most starts never need them."""
         with self._transfers_lock:
             if self._transfers is None:
-                from registry.transfers import Transfers
+                from berth.registry.transfers import Transfers
 
                 self._transfers = Transfers.from_env(self.library, self.settings.signing_key)
             return self._transfers
@@ -50,8 +50,8 @@ class AppContext:
 
     def start_handoff(self) -> None:
         """Listen for handed files where the platform allows it (Linux)."""
-        from registry.create import MAX_BLOB_BYTES
-        from registry.file_handoff import HandoffServer, supported
+        from berth.registry.create import MAX_BLOB_BYTES
+        from berth.registry.file_handoff import HandoffServer, supported
 
         if supported() and self.handoff is None:
             self.handoff = HandoffServer(self.library.blobs, MAX_BLOB_BYTES)

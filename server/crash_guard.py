@@ -26,7 +26,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from registry.errors import BerthError
+from berth.registry.errors import BerthError
 
 log = logging.getLogger("berth.crash_guard")
 

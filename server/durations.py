@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from registry.errors import InvalidInput
+from berth.registry.errors import InvalidInput
 
 FOREVER = math.inf
 # Go's time.Duration holds at most 2**63 - 1 nanoseconds (about 292 years); Ollama cannot take more.

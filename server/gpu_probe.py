@@ -75,7 +75,7 @@ def describe(devices: list[Device]) -> str:
 def log_devices(timeout: float = 60.0) -> None:
     """Run the probe in a child process and log what it found (never raises)."""
     try:
-        result = subprocess.run([sys.executable, "-m", "server.gpu_probe"], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "berth.server.gpu_probe"], capture_output=True, text=True,
                                 timeout=timeout)
         devices = [Device(**d) for d in json.loads(result.stdout.strip().splitlines()[-1])]
     except (OSError, subprocess.SubprocessError, ValueError, IndexError, TypeError) as exc:

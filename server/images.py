@@ -14,7 +14,7 @@ import base64
 import binascii
 import struct
 
-from registry.errors import InvalidField
+from berth.registry.errors import InvalidField
 
 MAX_IMAGES = 32  # per request
 MAX_SIDE = 16384  # pixels

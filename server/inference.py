@@ -17,20 +17,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
-from registry import options as option_table
-from registry.errors import InvalidField, InvalidInput, ModelNotFound
-from registry.library import Library
-from registry.manifest import ADAPTER_LAYER, MODEL_LAYER, PROJECTOR_LAYER
-from server import jinja_prompt
-from server import prompt as prompts
-from server import tools as tool_calls
-from server.crash_guard import Caller, CrashGuard, fingerprint
-from server.images import MAX_IMAGES, check_images
-from server.models import ModelView, view
-from server.runner import AUTO_SLOTS, LoadSpec, take_logprobs
-from server.runner_client import RunnerDied
-from server.scheduler import Lease, ModelRef, Scheduler
-from server.settings import Settings
+from berth.registry import options as option_table
+from berth.registry.errors import InvalidField, InvalidInput, ModelNotFound
+from berth.registry.library import Library
+from berth.registry.manifest import ADAPTER_LAYER, MODEL_LAYER, PROJECTOR_LAYER
+from berth.server import jinja_prompt
+from berth.server import prompt as prompts
+from berth.server import tools as tool_calls
+from berth.server.crash_guard import Caller, CrashGuard, fingerprint
+from berth.server.images import MAX_IMAGES, check_images
+from berth.server.models import ModelView, view
+from berth.server.runner import AUTO_SLOTS, LoadSpec, take_logprobs
+from berth.server.runner_client import RunnerDied
+from berth.server.scheduler import Lease, ModelRef, Scheduler
+from berth.server.settings import Settings
 
 log = logging.getLogger("berth.inference")
 

@@ -31,7 +31,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, safe_range
 from jinja2.visitor import NodeTransformer
 
-from server.prompt import ChatMessage, PromptError
+from berth.server.prompt import ChatMessage, PromptError
 
 MAX_JINJA_TEMPLATE_SIZE = 256 * 1024  # characters of template source; real chat templates are a few KB to ~30 KB
 MAX_JINJA_STEPS = 200_000  # per render: loop iterations, range() items, calls, filters, operators and

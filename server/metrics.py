@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from server.guard import ASGIApp, Receive, Scope, Send
+from berth.server.guard import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("berth.access")
 

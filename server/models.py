@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from registry import modelfile, options
-from registry.library import Library, StoredModel
-from registry.manifest import (
+from berth.registry import modelfile, options
+from berth.registry.library import Library, StoredModel
+from berth.registry.manifest import (
     ADAPTER_LAYER,
     LICENSE_LAYER,
     MESSAGES_LAYER,
@@ -20,7 +20,7 @@ from registry.manifest import (
     TEMPLATE_LAYER,
     ModelConfig,
 )
-from server import template as templates
+from berth.server import template as templates
 
 
 def local_time(value: datetime) -> str:

@@ -24,12 +24,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from registry import bounded_json
-from registry.errors import InvalidInput
-from registry.library import StoredModel
-from server.inference import ChatInput, GenerateInput, OutputOptions
-from server.prompt import ChatMessage
-from server.tools import ToolCall, new_tool_call_id
+from berth.registry import bounded_json
+from berth.registry.errors import InvalidInput
+from berth.registry.library import StoredModel
+from berth.server.inference import ChatInput, GenerateInput, OutputOptions
+from berth.server.prompt import ChatMessage
+from berth.server.tools import ToolCall, new_tool_call_id
 
 SYSTEM_FINGERPRINT = "fp_ollama"
 DATA_URL_PREFIXES = ("data:;base64,",) + tuple(f"data:image/{kind};base64," for kind in ("jpeg", "jpg", "png", "webp"))

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from registry.errors import InvalidInput
-from server.template import Budget, GoStruct, JSONValue, Template, TemplateError, parse
-from server.tools import ToolCall, tools_for_template
+from berth.registry.errors import InvalidInput
+from berth.server.template import Budget, GoStruct, JSONValue, Template, TemplateError, parse
+from berth.server.tools import ToolCall, tools_for_template
 
 __all__ = [
     "IMAGE_TOKENS",

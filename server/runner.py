@@ -233,7 +233,7 @@ class _Runner:
         self.projector: Any = None
         self.on_gpu = self.supports_gpu and self.n_gpu_layers != 0
         if spec.projector_path:
-            from server.vision import Projector
+            from berth.server.vision import Projector
 
             self.projector = Projector(spec.projector_path, self.llm.model, use_gpu=self.on_gpu,
                                        n_threads=threads)
@@ -257,7 +257,7 @@ class _Runner:
         """The batch engine with `slots` slots, halved while llama.cpp cannot make room for their KV
         caches. With a projector it is needed down to one slot (images go through it); without,
         fewer than two is no batching: None, and generations go one at a time."""
-        from server.batch_engine import BatchEngine
+        from berth.server.batch_engine import BatchEngine
 
         spec = self.spec
         minimum = 1 if self.projector is not None else 2

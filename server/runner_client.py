@@ -17,8 +17,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, AsyncIterator
 
-from registry.errors import BerthError, InvalidInput
-from server.runner import LoadSpec, runner_main
+from berth.registry.errors import BerthError, InvalidInput
+from berth.server.runner import LoadSpec, runner_main
 
 log = logging.getLogger("berth.runner")
 

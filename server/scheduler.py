@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
-from registry.digest import Digest
-from registry.errors import BerthError
-from registry.names import ModelName
-from server.metrics import Metrics
-from server.runner import LoadSpec
-from server.runner_client import RunnerProcess
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError
+from berth.registry.names import ModelName
+from berth.server.metrics import Metrics
+from berth.server.runner import LoadSpec
+from berth.server.runner_client import RunnerProcess
 
 log = logging.getLogger("berth.scheduler")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from server.address import HostAddress, parse_host
-from server.durations import parse_env_keep_alive
-from server.guard import BUILTIN_ORIGINS, parse_origins
+from berth.server.address import HostAddress, parse_host
+from berth.server.durations import parse_env_keep_alive
+from berth.server.guard import BUILTIN_ORIGINS, parse_origins
 
 
 def _flag(value: str | None) -> bool:
@@ -33,7 +33,7 @@ def _int(env: Mapping[str, str], key: str, default: int, minimum: int) -> int:
 def _signing_key(env: Mapping[str, str]) -> Path | None:
     if "BERTH_SIGNING_KEY" not in env:
         return None  # and no need to load the cryptography package at every start
-    from registry.user_key import signing_key_setting
+    from berth.registry.user_key import signing_key_setting
 
     return signing_key_setting(env)
 

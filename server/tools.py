@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any
 
-from registry import bounded_json
-from registry.errors import InvalidInput
-from server.template import (
+from berth.registry import bounded_json
+from berth.registry.errors import InvalidInput
+from berth.server.template import (
     BranchNode,
     FieldNode,
     GoStruct,

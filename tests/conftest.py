@@ -19,7 +19,7 @@ import pytest
 pytest_plugins = ["tests.registry_fixture"]
 
 if TYPE_CHECKING:
-    from registry.library import Library
+    from berth.registry.library import Library
 
 BIN_DIR = Path(sys.executable).parent
 
@@ -111,7 +111,7 @@ def fresh_server(tmp_path: Path) -> Iterator[BerthServer]:
 @pytest.fixture
 def library(tmp_path: Path) -> Iterator["Library"]:
     """A catalog and blob store of the test's own."""
-    from registry.library import Library
+    from berth.registry.library import Library
 
     lib = Library(tmp_path / "models")
     yield lib
@@ -128,10 +128,10 @@ def add_variant(models_dir: Path, name: str, *, template: str | None = None, sys
                 parameters: dict | None = None, base: str = "gemma3:270m") -> None:
     """Add a model sharing `base`'s weights with its own template/system/params, straight into a
     store (the catalog is SQLite in WAL mode, so a running server sees it at once)."""
-    from registry.builder import ModelBuilder
-    from registry.library import Library
-    from registry.manifest import MODEL_LAYER, PARAMS_LAYER, SYSTEM_LAYER, TEMPLATE_LAYER
-    from registry.names import ModelName
+    from berth.registry.builder import ModelBuilder
+    from berth.registry.library import Library
+    from berth.registry.manifest import MODEL_LAYER, PARAMS_LAYER, SYSTEM_LAYER, TEMPLATE_LAYER
+    from berth.registry.names import ModelName
 
     library = Library(models_dir)
     try:

@@ -167,9 +167,9 @@ def auth_registry(tmp_path: Path) -> Iterator[LocalRegistry]:
 
 def make_model(library: "Library", name: str, weights: bytes, template: str = "{{ .Prompt }}") -> "Manifest":
     """Build a small model (weights layer + template + config) straight into a Library."""
-    from registry.builder import ModelBuilder
-    from registry.manifest import MODEL_LAYER, TEMPLATE_LAYER, ModelConfig
-    from registry.names import ModelName
+    from berth.registry.builder import ModelBuilder
+    from berth.registry.manifest import MODEL_LAYER, TEMPLATE_LAYER, ModelConfig
+    from berth.registry.names import ModelName
 
     stored = library.blobs.write_bytes(weights)
     builder = ModelBuilder(library)
@@ -180,5 +180,5 @@ def make_model(library: "Library", name: str, weights: bytes, template: str = "{
 
 
 if TYPE_CHECKING:
-    from registry.library import Library
-    from registry.manifest import Manifest
+    from berth.registry.library import Library
+    from berth.registry.manifest import Manifest

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
-import migrations
-from registry.errors import SchemaTooNew
+from berth import migrations
+from berth.registry.errors import SchemaTooNew
 
 if TYPE_CHECKING:
     from alembic.config import Config

@@ -13,14 +13,17 @@ on disk between runs; the blob's sha256 is what proves them, so nothing unproven
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from datetime import datetime, timezone
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, delete, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from registry.catalog.schema import Base
-from registry.digest import Digest
-from registry.library import Library
+from berth.registry.catalog.schema import Base
+from berth.registry.digest import Digest
+
+if TYPE_CHECKING:  # the library opens the catalog this module is part of
+    from berth.registry.library import Library
 
 
 class PartialDownloadRow(Base):

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from registry import bounded_json
-from registry.errors import InvalidField, InvalidInput, TooLarge
+from berth.registry import bounded_json
+from berth.registry.errors import InvalidField, InvalidInput, TooLarge
 
 # JSON API bodies are small; a big one is a mistake or an attack (images are the largest use).
 MAX_JSON_BODY = 64 * 1024 * 1024

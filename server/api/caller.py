@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from server.crash_guard import Caller
+from berth.server.crash_guard import Caller
 
 
 def caller_of(request: Request) -> Caller:

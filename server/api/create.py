@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool
 
-from registry.blobstore import CHUNK_SIZE, BlobWriter
-from registry.create import (
+from berth.registry.blobstore import CHUNK_SIZE, BlobWriter
+from berth.registry.create import (
     MAX_BLOB_BYTES,
     PATHS_REFUSED,
     CreatePlan,
@@ -29,12 +29,12 @@ from registry.create import (
     plan_from_modelfile,
     plan_from_request,
 )
-from registry.digest import Digest
-from registry.errors import BlobNotFound, InvalidInput, NotFound, TooLarge
-from server import prompt as prompts
-from server.api.body import parse_json
-from server.api.ndjson import respond
-from server.context import AppContext
+from berth.registry.digest import Digest
+from berth.registry.errors import BlobNotFound, InvalidInput, NotFound, TooLarge
+from berth.server import prompt as prompts
+from berth.server.api.body import parse_json
+from berth.server.api.ndjson import respond
+from berth.server.context import AppContext
 
 router = APIRouter()
 

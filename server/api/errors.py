@@ -8,9 +8,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry.errors import BerthError, Conflict, CorruptData, InvalidInput, NotFound, SchemaTooNew
-from server.crash_guard import RequestRefused
-from server.scheduler import QueueFull
+from berth.registry.errors import BerthError, Conflict, CorruptData, InvalidInput, NotFound, SchemaTooNew
+from berth.server.crash_guard import RequestRefused
+from berth.server.scheduler import QueueFull
 
 log = logging.getLogger("berth.api")
 

@@ -15,15 +15,15 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from registry.errors import InvalidInput
-from server import prompt as prompts
-from server.api.body import parse_json
-from server.api.caller import caller_of
-from server.api.ndjson import respond
-from server.durations import parse_keep_alive
-from server.images import decode_images
-from server.inference import ChatInput, GenerateInput, Generation, OutputOptions, normalize
-from server.context import AppContext
+from berth.registry.errors import InvalidInput
+from berth.server import prompt as prompts
+from berth.server.api.body import parse_json
+from berth.server.api.caller import caller_of
+from berth.server.api.ndjson import respond
+from berth.server.durations import parse_keep_alive
+from berth.server.images import decode_images
+from berth.server.inference import ChatInput, GenerateInput, Generation, OutputOptions, normalize
+from berth.server.context import AppContext
 
 log = logging.getLogger("berth.api")
 router = APIRouter()
@@ -150,7 +150,7 @@ async def generate(request: Request) -> Response:
 
 
 def _chat_message(body: MessageBody, index: int) -> prompts.ChatMessage:
-    from server.tools import ToolCall
+    from berth.server.tools import ToolCall
 
     calls = tuple(
         ToolCall(id=call.id or "", name=call.function.name, arguments=call.function.arguments,

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
-from registry.keys import KeyStore
-from server.api.body import parse_json
+from berth.registry.keys import KeyStore
+from berth.server.api.body import parse_json
 
 router = APIRouter()
 

@@ -15,8 +15,8 @@ from typing import Any, AsyncIterator
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from registry.errors import BerthError
-from server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
+from berth.registry.errors import BerthError
+from berth.server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
 
 log = logging.getLogger("berth.api")
 

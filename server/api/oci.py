@@ -17,10 +17,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from registry.digest import Digest
-from registry.errors import InvalidInput
-from registry.library import Library, StoredModel
-from registry.names import DEFAULT_HOST, ModelName
+from berth.registry.digest import Digest
+from berth.registry.errors import InvalidInput
+from berth.registry.library import Library, StoredModel
+from berth.registry.names import DEFAULT_HOST, ModelName
 
 router = APIRouter()
 

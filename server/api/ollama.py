@@ -11,12 +11,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
-from registry.errors import InvalidInput, ModelNotFound
-from registry.names import ModelName
-from server import __version__
-from server.api.body import parse_json
-from server.context import AppContext
-from server.models import view
+from berth.registry.errors import InvalidInput, ModelNotFound
+from berth.registry.names import ModelName
+from berth.server import __version__
+from berth.server.api.body import parse_json
+from berth.server.context import AppContext
+from berth.server.models import view
 
 router = APIRouter()
 

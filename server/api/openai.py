@@ -18,14 +18,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
-from registry.errors import BerthError, InvalidField, InvalidInput, ModelNotFound
-from server import openai_shapes as shapes
-from server.api.body import parse_json
-from server.api.caller import caller_of
-from server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
-from server.api.errors import status_for
-from server.context import AppContext
-from server.inference import Generation, normalize
+from berth.registry.errors import BerthError, InvalidField, InvalidInput, ModelNotFound
+from berth.server import openai_shapes as shapes
+from berth.server.api.body import parse_json
+from berth.server.api.caller import caller_of
+from berth.server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
+from berth.server.api.errors import status_for
+from berth.server.context import AppContext
+from berth.server.inference import Generation, normalize
 
 log = logging.getLogger("berth.api")
 

@@ -17,16 +17,16 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from registry.errors import BerthError, InvalidInput
-from registry.names import ModelName
-from registry.oci import RegistryUnauthorized
-from registry.pull import Emit, Event, PullResult
-from registry.push import PushResult
-from registry.rate import parse_rate
-from registry.trust import UntrustedModel
-from server.api.body import parse_json
-from server.api.ndjson import respond
-from server.api.errors import status_for
+from berth.registry.errors import BerthError, InvalidInput
+from berth.registry.names import ModelName
+from berth.registry.oci import RegistryUnauthorized
+from berth.registry.pull import Emit, Event, PullResult
+from berth.registry.push import PushResult
+from berth.registry.rate import parse_rate
+from berth.registry.trust import UntrustedModel
+from berth.server.api.body import parse_json
+from berth.server.api.ndjson import respond
+from berth.server.api.errors import status_for
 
 router = APIRouter()
 

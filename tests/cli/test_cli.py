@@ -6,7 +6,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-from registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer, berth_executable, free_port
 
 
@@ -109,7 +109,7 @@ def test_fsck_reports_and_repairs_a_corrupted_blob(fresh_server: BerthServer) ->
 
 
 def test_a_catalog_from_a_newer_berth_stops_the_server_cleanly(tmp_path: Path) -> None:
-    from registry.library import Library
+    from berth.registry.library import Library
 
     models = tmp_path / "models"
     Library(models).close()
@@ -140,7 +140,7 @@ def test_ps_and_stop(fresh_server: BerthServer) -> None:
 
 
 def test_processor_column() -> None:
-    from cli.main import processor
+    from berth.cli.main import processor
 
     assert processor(100, 0) == "100% CPU"
     assert processor(100, 100) == "100% GPU"

@@ -11,9 +11,9 @@ from typing import Iterator
 import httpx
 import pytest
 
-from registry.default_model import DEFAULT_MODEL_NAME, find_bundled
-from registry.digest import Digest
-from registry.modelfile import parse
+from berth.registry.default_model import DEFAULT_MODEL_NAME, find_bundled
+from berth.registry.digest import Digest
+from berth.registry.modelfile import parse
 from tests.cli.test_cli import berth
 from tests.conftest import BerthServer, berth_executable
 from tests.registry.test_gguf import BASE_DATA_SIZE, base_kvs, base_tensors, build, kv_str

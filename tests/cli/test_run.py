@@ -8,7 +8,7 @@ import time
 import pexpect
 import pytest
 
-from registry.default_model import GEMMA_TEMPLATE
+from berth.registry.default_model import GEMMA_TEMPLATE
 from tests.conftest import BerthServer, add_variant, berth_executable
 
 SHORT = "short:1"

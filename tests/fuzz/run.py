@@ -222,7 +222,7 @@ def _decoded(body: bytes | None) -> Any:
 
 def _model_host(text: str) -> str | None:
     """The registry host a model name would be pulled from or pushed to; None if not a valid name."""
-    from registry.names import ModelName
+    from berth.registry.names import ModelName
 
     try:
         return ModelName.parse(text).host.lower()

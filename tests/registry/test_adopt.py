@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from registry.adopt import COPY, HARDLINK, UnreadableFile, adopt, stage
-from registry.blobstore import TEMP_PREFIX, BlobStore
-from registry.digest import Digest
-from registry.errors import DigestMismatch, TooLarge
+from berth.registry.adopt import COPY, HARDLINK, UnreadableFile, adopt, stage
+from berth.registry.blobstore import TEMP_PREFIX, BlobStore
+from berth.registry.digest import Digest
+from berth.registry.errors import DigestMismatch, TooLarge
 
 DATA = b"weights " * 100_000
 

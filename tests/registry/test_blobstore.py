@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from registry.blobstore import TEMP_PREFIX, BlobStore
-from registry.digest import Digest
-from registry.errors import BlobNotFound, DigestMismatch, TooLarge
+from berth.registry.blobstore import TEMP_PREFIX, BlobStore
+from berth.registry.digest import Digest
+from berth.registry.errors import BlobNotFound, DigestMismatch, TooLarge
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from registry.blobstore import BlobStore
+    from berth.registry.blobstore import BlobStore
     store = BlobStore(Path(sys.argv[1]))
     writer = store.writer()
     writer.write(b"x" * (8 * 1024 * 1024))

@@ -18,7 +18,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from registry.body import SpliceToFile, splice_pipe_to_file, write_body
+from berth.registry.body import SpliceToFile, splice_pipe_to_file, write_body
 from tests.registry_fixture import LocalRegistry
 
 MiB = 1024 * 1024

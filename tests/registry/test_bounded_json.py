@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from registry import bounded_json
+from berth.registry import bounded_json
 
 
 def test_ordinary_documents_decode() -> None:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from registry.blobstore import TEMP_PREFIX
-from registry.builder import ModelBuilder
-from registry.create import (
+from berth.registry.blobstore import TEMP_PREFIX
+from berth.registry.builder import ModelBuilder
+from berth.registry.create import (
     PATHS_REFUSED,
     CreatePlan,
     FileSource,
@@ -22,11 +22,11 @@ from registry.create import (
     plan_from_modelfile,
     plan_from_request,
 )
-from registry.digest import Digest
-from registry.errors import InvalidDigest, InvalidInput, ModelNotFound
-from registry.gguf import NOT_GGUF_MESSAGE, InvalidGGUF
-from registry.library import Library
-from registry.manifest import (
+from berth.registry.digest import Digest
+from berth.registry.errors import InvalidDigest, InvalidInput, ModelNotFound
+from berth.registry.gguf import NOT_GGUF_MESSAGE, InvalidGGUF
+from berth.registry.library import Library
+from berth.registry.manifest import (
     ADAPTER_LAYER,
     LICENSE_LAYER,
     MESSAGES_LAYER,
@@ -36,9 +36,9 @@ from registry.manifest import (
     TEMPLATE_LAYER,
     ModelConfig,
 )
-from registry.modelfile import Message
-from registry.names import ModelName
-from registry.options import OptionValues
+from berth.registry.modelfile import Message
+from berth.registry.names import ModelName
+from berth.registry.options import OptionValues
 from tests.registry.test_gguf import F16, build, kv_str, tensor, valid_file_bytes
 
 
@@ -215,7 +215,7 @@ def test_adapters_must_be_loras_for_the_models_architecture(library: Library, ti
 
 def test_parameters_json_matches_ollamas_bytes() -> None:
     # spec/ollama-registry.md §3.4 test vector (Ollama also escapes < and >; we keep them).
-    from registry.modelfile_request import parameters_json
+    from berth.registry.modelfile_request import parameters_json
 
     values = OptionValues({"num_ctx": 4096, "temperature": 0.7, "stop": ("<|im_end|>",)})
     assert json.dumps(parameters_json(values), separators=(",", ":")) == (

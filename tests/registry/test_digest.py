@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from registry.digest import Digest
-from registry.errors import InvalidDigest
+from berth.registry.digest import Digest
+from berth.registry.errors import InvalidDigest
 
 GOOD = "sha256:" + "a" * 64
 

@@ -10,10 +10,10 @@ from typing import Iterator
 
 import pytest
 
-from registry import file_handoff
-from registry.blobstore import BlobStore
-from registry.digest import Digest
-from registry.file_handoff import HandoffError, HandoffServer, hand_over
+from berth.registry import file_handoff
+from berth.registry.blobstore import BlobStore
+from berth.registry.digest import Digest
+from berth.registry.file_handoff import HandoffError, HandoffServer, hand_over
 
 pytestmark = pytest.mark.skipif(not file_handoff.supported(), reason="needs Linux's SCM_RIGHTS and SO_PEERCRED")
 

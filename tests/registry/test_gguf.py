@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry import gguf as gguf_mod
-from registry.errors import InvalidInput
-from registry.gguf import (
+from berth.registry import gguf as gguf_mod
+from berth.registry.errors import InvalidInput
+from berth.registry.gguf import (
     FILE_TYPE_NAMES,
     GGML_TYPES,
     MAX_ARRAY_ITEMS,

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-import migrations
+from berth import migrations
 
-from registry.builder import ModelBuilder
-from registry.catalog import database
-from registry.digest import Digest
-from registry.errors import BlobNotFound, InvalidInput, ModelNotFound, SchemaTooNew
-from registry.fsck import fsck
-from registry.library import Library
-from registry.manifest import DOCKER_CONFIG, MODEL_LAYER, SYSTEM_LAYER, Descriptor, Manifest, ModelConfig
-from registry.names import ModelName
+from berth.registry.builder import ModelBuilder
+from berth.registry.catalog import database
+from berth.registry.digest import Digest
+from berth.registry.errors import BlobNotFound, InvalidInput, ModelNotFound, SchemaTooNew
+from berth.registry.fsck import fsck
+from berth.registry.library import Library
+from berth.registry.manifest import DOCKER_CONFIG, MODEL_LAYER, SYSTEM_LAYER, Descriptor, Manifest, ModelConfig
+from berth.registry.names import ModelName
 
 
 def make_model(library: Library, name: str, weights: bytes, system: str | None = None) -> Manifest:
@@ -229,8 +229,8 @@ def test_catalog_version_changes_with_every_write_from_any_process(library: Libr
     after_copy = library.catalog_version()
     assert after_copy != version
     # Another process (a second server, `berth` run on the store) deletes a model.
-    script = ("import sys; from pathlib import Path; from registry.library import Library; "
-              "from registry.names import ModelName; "
+    script = ("import sys; from pathlib import Path; from berth.registry.library import Library; "
+              "from berth.registry.names import ModelName; "
               "Library(Path(sys.argv[1])).delete(ModelName.parse('w:1'))")
     subprocess.run([sys.executable, "-c", script, str(library.root)], check=True,
                    cwd=Path(__file__).resolve().parents[2])

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from registry.errors import InvalidInput
-from registry.modelfile import (
+from berth.registry.errors import InvalidInput
+from berth.registry.modelfile import (
     MESSAGE_ROLES,
     Message,
     Modelfile,
@@ -18,7 +18,7 @@ from registry.modelfile import (
     parse,
     render,
 )
-from registry.options import OPTION_SPECS, OptionKind, parse_parameter
+from berth.registry.options import OPTION_SPECS, OptionKind, parse_parameter
 
 # --- values and quoting ------------------------------------------------------------------------
 

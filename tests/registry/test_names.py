@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.errors import InvalidName
-from registry.names import ModelName
+from berth.registry.errors import InvalidName
+from berth.registry.names import ModelName
 
 VALID = [
     ("llama3", "registry.ollama.ai", "library", "llama3", "latest"),

@@ -10,15 +10,15 @@ from typing import Iterator
 
 import pytest
 
-from registry.blobstore import TEMP_PREFIX
-from registry.builder import ModelBuilder
-from registry.digest import Digest
-from registry.errors import InvalidInput
-from registry.library import Library
-from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, PARAMS_LAYER, SYSTEM_LAYER, TEMPLATE_LAYER
-from registry.manifest import ModelConfig
-from registry.names import ModelName
-from registry.ollama_import import AlreadyPresent, Imported, Skipped, default_ollama_dir, import_store
+from berth.registry.blobstore import TEMP_PREFIX
+from berth.registry.builder import ModelBuilder
+from berth.registry.digest import Digest
+from berth.registry.errors import InvalidInput
+from berth.registry.library import Library
+from berth.registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, PARAMS_LAYER, SYSTEM_LAYER, TEMPLATE_LAYER
+from berth.registry.manifest import ModelConfig
+from berth.registry.names import ModelName
+from berth.registry.ollama_import import AlreadyPresent, Imported, Skipped, default_ollama_dir, import_store
 from tests.registry.test_gguf import valid_file_bytes
 
 WEIGHTS = valid_file_bytes()

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import options
-from registry.errors import InvalidInput
-from registry.options import (
+from berth.registry import options
+from berth.registry.errors import InvalidInput
+from berth.registry.options import (
     DEPRECATED_OPTIONS,
     OPTION_SPECS,
     RUNNER_OPTIONS,

@@ -15,14 +15,14 @@ from typing import Iterator
 import oras.provider
 import pytest
 
-from registry.credentials import CredentialStore
-from registry.digest import Digest
-from registry.library import Library
-from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, OCI_MANIFEST, ModelConfig
-from registry.names import ModelName
-from registry.oci import RegistryClient, RetryPolicy, Timeouts
-from registry.pull import WHOLE_BLOB_BYTES, Puller
-from registry.push import Pusher
+from berth.registry.credentials import CredentialStore
+from berth.registry.digest import Digest
+from berth.registry.library import Library
+from berth.registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, OCI_MANIFEST, ModelConfig
+from berth.registry.names import ModelName
+from berth.registry.oci import RegistryClient, RetryPolicy, Timeouts
+from berth.registry.pull import WHOLE_BLOB_BYTES, Puller
+from berth.registry.push import Pusher
 from tests.registry_fixture import LocalRegistry, make_model
 
 

@@ -25,20 +25,20 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from registry.catalog.downloads import DownloadJournal
-from registry.credentials import Credential, CredentialStore
-from registry.digest import Digest
-from registry.errors import BerthError, InvalidDigest, InvalidInput, TooLarge
-from registry.library import Library
-from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, Descriptor
-from registry.names import ModelName
-from registry.network import NetworkSettings
-from registry.oci import (RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, Repository, RetryPolicy,
+from berth.registry.catalog.downloads import DownloadJournal
+from berth.registry.credentials import Credential, CredentialStore
+from berth.registry.digest import Digest
+from berth.registry.errors import BerthError, InvalidDigest, InvalidInput, TooLarge
+from berth.registry.library import Library
+from berth.registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, Descriptor
+from berth.registry.names import ModelName
+from berth.registry.network import NetworkSettings
+from berth.registry.oci import (RegistryClient, RegistryError, RegistryNotFound, RegistryRefused, Repository, RetryPolicy,
                           Timeouts)
-from registry.pull import (BlobDigestMismatch, BlobFetch, PullCancelled, Puller, PullResult, SharedDownloads,
+from berth.registry.pull import (BlobDigestMismatch, BlobFetch, PullCancelled, Puller, PullResult, SharedDownloads,
                            partial_path)
-from registry.push import Pusher
-from registry.rate import RateLimiter, parse_rate
+from berth.registry.push import Pusher
+from berth.registry.rate import RateLimiter, parse_rate
 from tests.fake_http import LoopbackServer, QuietHandler
 from tests.registry_fixture import PROXIED_HOST, LocalRegistry, make_model, self_signed_certificate
 
@@ -351,7 +351,7 @@ def test_gzip_bomb_blob_is_raw_bytes_that_fail_the_digest(hostile: HostileRegist
 
 
 def _repo(server: HostileRegistry):  # type: ignore[no-untyped-def]
-    from registry.oci import Repository
+    from berth.registry.oci import Repository
 
     return Repository(server.host, "library/m", insecure=True)
 
@@ -439,14 +439,14 @@ def test_a_lone_stream_asks_for_the_rest_once_its_throughput_is_known(
         hostile: HostileRegistry, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first request asks for RUN_CHUNKS chunks; once the rate is known (here far more than the
     rest moves in a ramp step), the second asks for everything left: two requests, not three."""
-    import registry.pull
+    from berth.registry import pull as pulling
 
-    monkeypatch.setattr(registry.pull, "RAMP_INTERVAL", 5.0)  # no second stream; any rate > 0.4 MiB/s
+    monkeypatch.setattr(pulling, "RAMP_INTERVAL", 5.0)  # no second stream; any rate > 0.4 MiB/s
     weights = os.urandom(3 * MiB)
     digest = Digest.parse(hostile.serve_model(weights))
     _pull(make_puller(library, tmp_path, chunk=128 * 1024), _name(hostile))
     assert library.blobs.path(digest).read_bytes() == weights
-    first = registry.pull.RUN_CHUNKS * 128 * 1024
+    first = pulling.RUN_CHUNKS * 128 * 1024
     assert [g.get("Range") for g in _blob_gets(hostile, digest)] == [
         f"bytes=0-{first - 1}", f"bytes={first}-{3 * MiB - 1}"]
 
@@ -456,9 +456,9 @@ def test_a_resumed_run_stops_before_a_later_chunk_that_is_partly_on_disk(
     """Chunks 0-1 missing, chunk 2 half on disk (recorded durable, not yet checked), 3-5 missing: the
     first request stops before chunk 2, and chunk 2 is fetched from its first missing byte, so
     nothing on disk comes over the network again."""
-    import registry.pull
+    from berth.registry import pull as pulling
 
-    monkeypatch.setattr(registry.pull, "RAMP_INTERVAL", 5.0)  # one stream: the requests come in order
+    monkeypatch.setattr(pulling, "RAMP_INTERVAL", 5.0)  # one stream: the requests come in order
     weights = os.urandom(6 * MiB)
     digest = Digest.parse(hostile.serve_model(weights))
     half = 2 * MiB + MiB // 2
@@ -485,14 +485,14 @@ def _fetch_of(library: Library, tmp_path: Path, size: int, chunk: int) -> BlobFe
 def test_run_length_needs_a_run_of_bytes_before_it_trusts_the_throughput(library: Library, tmp_path: Path) -> None:
     """A resume's first run can be one small piece, landed microseconds after its first byte: read
     as a rate, that would let one stream claim the whole rest and keep the ramp from adding any."""
-    import registry.pull
+    from berth.registry import pull as pulling
 
     fetch = _fetch_of(library, tmp_path, size=64 * MiB, chunk=MiB)
-    plan = registry.pull.ChunkPlan(64 * MiB, MiB)
+    plan = pulling.ChunkPlan(64 * MiB, MiB)
     fetch._first_byte, fetch.fetched = time.monotonic() - 0.0002, 100_000  # noqa: SLF001
-    assert fetch._run_chunks(plan) == registry.pull.RUN_CHUNKS  # noqa: SLF001
+    assert fetch._run_chunks(plan) == pulling.RUN_CHUNKS  # noqa: SLF001
     fetch._first_byte, fetch.fetched = time.monotonic() - 0.05, 16 * MiB  # 320 MiB/s, measured on 16 chunks  # noqa: SLF001
-    assert fetch._run_chunks(plan) > registry.pull.RUN_CHUNKS  # noqa: SLF001
+    assert fetch._run_chunks(plan) > pulling.RUN_CHUNKS  # noqa: SLF001
 
 
 def test_the_hasher_sees_a_cancel_without_waiting_for_bytes(library: Library, tmp_path: Path) -> None:
@@ -915,9 +915,9 @@ def test_an_https_proxy_with_a_private_ca_carries_a_tls_pull(tls_registry: Local
 
 def _streams_used(hostile: HostileRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """Pull 6 MiB in 256 KiB chunks (streams added every 0.25 s); the most bodies sent at once."""
-    import registry.pull
+    from berth.registry import pull as pulling
 
-    monkeypatch.setattr(registry.pull, "RAMP_INTERVAL", 0.25)
+    monkeypatch.setattr(pulling, "RAMP_INTERVAL", 0.25)
     weights = os.urandom(6 * MiB)
     digest = Digest.parse(hostile.serve_model(weights))
     library = Library(tmp_path / "models")
@@ -967,7 +967,7 @@ def test_a_partial_download_recorded_before_checksums_were_named_still_resumes(h
     """Catalog revision 0003 kept a bare sha256 per chunk; 0004 names it, and a resume still checks it."""
     from alembic import command
 
-    from registry.catalog import database
+    from berth.registry.catalog import database
 
     weights = os.urandom(3 * MiB)
     digest = Digest.parse(hostile.serve_model(weights))

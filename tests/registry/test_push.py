@@ -11,13 +11,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from registry.credentials import Credential, CredentialStore
-from registry.library import Library
-from registry.manifest import OCI_MANIFEST
-from registry.names import ModelName
-from registry.oci import RegistryClient, RegistryUnauthorized, Timeouts, RetryPolicy
-from registry.pull import Puller
-from registry.push import Pusher, parse_range_end
+from berth.registry.credentials import Credential, CredentialStore
+from berth.registry.library import Library
+from berth.registry.manifest import OCI_MANIFEST
+from berth.registry.names import ModelName
+from berth.registry.oci import RegistryClient, RegistryUnauthorized, Timeouts, RetryPolicy
+from berth.registry.pull import Puller
+from berth.registry.push import Pusher, parse_range_end
 from tests.registry_fixture import LocalRegistry, make_model
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
@@ -171,7 +171,7 @@ def test_docker_config_credentials_are_a_fallback(tmp_path: Path) -> None:
 def test_an_upload_location_on_another_host_gets_no_credentials(library: Library, tmp_path: Path) -> None:
     """A registry (Basic auth) names an upload Location on another host: the blob may go there,
     the user's password may not (nor may that host's 401 be answered with it)."""
-    from registry.oci import RegistryError
+    from berth.registry.oci import RegistryError
     from tests.fake_http import LoopbackServer, QuietHandler
 
     elsewhere: list[dict[str, str]] = []
@@ -217,7 +217,7 @@ def test_an_upload_location_on_another_host_gets_no_credentials(library: Library
 
 
 def test_an_upload_location_may_not_downgrade_to_plain_http() -> None:
-    from registry.oci import RegistryRefused, Repository
+    from berth.registry.oci import RegistryRefused, Repository
 
     secure = Repository("reg.example", "library/m")
     assert secure.absolute("/v2/library/m/blobs/uploads/1") == "https://reg.example/v2/library/m/blobs/uploads/1"

@@ -19,19 +19,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from registry.credentials import CredentialStore
-from registry.digest import Digest
-from registry.errors import InvalidInput
-from registry.library import Library
-from registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, OCI_MANIFEST
-from registry.names import ModelName
-from registry.oci import RegistryClient, RegistryUnauthorized, Repository, RetryPolicy, Timeouts
-from registry.ollama_auth import EMPTY_BODY_DIGEST, OllamaKeySigner
-from registry.pull import Puller
-from registry.push import Pusher
-from registry.signing import SIGNATURE_TYPE, Signatures, key_id, parse_public_key, payload_for, signature_tag
-from registry.trust import TrustMode, TrustPolicy, UntrustedModel
-from registry.user_key import UserKey, load_or_create_key
+from berth.registry.credentials import CredentialStore
+from berth.registry.digest import Digest
+from berth.registry.errors import InvalidInput
+from berth.registry.library import Library
+from berth.registry.manifest import DOCKER_CONFIG, DOCKER_MANIFEST, MODEL_LAYER, OCI_MANIFEST
+from berth.registry.names import ModelName
+from berth.registry.oci import RegistryClient, RegistryUnauthorized, Repository, RetryPolicy, Timeouts
+from berth.registry.ollama_auth import EMPTY_BODY_DIGEST, OllamaKeySigner
+from berth.registry.pull import Puller
+from berth.registry.push import Pusher
+from berth.registry.signing import SIGNATURE_TYPE, Signatures, key_id, parse_public_key, payload_for, signature_tag
+from berth.registry.trust import TrustMode, TrustPolicy, UntrustedModel
+from berth.registry.user_key import UserKey, load_or_create_key
 from tests.fake_http import LoopbackServer, QuietHandler
 from tests.registry_fixture import LocalRegistry, make_model
 
@@ -306,8 +306,8 @@ def test_trust_policy_scopes_and_sources(tmp_path: Path) -> None:
 
 def test_berth_verify_and_berth_key(registry: LocalRegistry, library: Library, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from cli import transfer
-    from cli.client import ClientError
+    from berth.cli import transfer
+    from berth.cli.client import ClientError
 
     monkeypatch.setenv("BERTH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("BERTH_TRUST_POLICY", raising=False)
@@ -476,8 +476,8 @@ def test_a_second_signer_of_the_same_model_keeps_the_first_signature(registry: L
 
 def test_another_tools_signatures_under_the_tag_are_not_overwritten(registry: LocalRegistry, library: Library,
                                                                     tmp_path: Path) -> None:
-    from registry.push import upload_bytes
-    from registry.signing import EMPTY_CONFIG, SignatureError
+    from berth.registry.blob_upload import upload_bytes
+    from berth.registry.signing import EMPTY_CONFIG, SignatureError
 
     name, digest = _push(library, registry, tmp_path, "cosigned", None)
     repo = Repository.of(name, insecure=True)

@@ -21,8 +21,8 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from server.batch_engine import BatchEngine, model_params  # noqa: E402
-from server.runner import InputError, _shifted, logprob_entry  # noqa: E402
+from berth.server.batch_engine import BatchEngine, model_params  # noqa: E402
+from berth.server.runner import InputError, _shifted, logprob_entry  # noqa: E402
 
 SLOT_CTX = 512
 PROMPTS = [
@@ -571,7 +571,7 @@ class HeldProjector:
 
 @pytest.fixture
 def vision_engine(gguf_path: Path, tmp_path: Path) -> Iterator[tuple[BatchEngine, HeldProjector]]:
-    from server.vision import Projector
+    from berth.server.vision import Projector
     from tests.vision_fixture import write_fake_projector
 
     params = llama_cpp.llama_model_default_params()

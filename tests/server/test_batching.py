@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer, start_server
 
 

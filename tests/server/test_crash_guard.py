@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server import crash_guard
-from server.crash_guard import CrashGuard, RequestRefused, fingerprint
+from berth.server import crash_guard
+from berth.server.crash_guard import CrashGuard, RequestRefused, fingerprint
 
 
 class Clock:

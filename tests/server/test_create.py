@@ -12,10 +12,10 @@ import httpx
 import ollama
 import pytest
 
-from registry.create import MAX_BLOB_BYTES
-from registry.default_model import DEFAULT_MODEL_NAME, find_bundled
-from registry.digest import Digest
-from registry.gguf import NOT_GGUF_MESSAGE
+from berth.registry.create import MAX_BLOB_BYTES
+from berth.registry.default_model import DEFAULT_MODEL_NAME, find_bundled
+from berth.registry.digest import Digest
+from berth.registry.gguf import NOT_GGUF_MESSAGE
 from tests.conftest import BerthServer
 from tests.registry.test_gguf import BASE_DATA_SIZE, base_kvs, base_tensors, build, kv_str
 
@@ -123,7 +123,7 @@ def test_a_local_client_hands_files_over_its_socket(http: httpx.Client, server: 
                                                    tmp_path: Path) -> None:
     """No path goes over HTTP: the client opens the file and passes the descriptor, and the server
     links that very inode into its store."""
-    from registry.file_handoff import hand_over
+    from berth.registry.file_handoff import hand_over
 
     path = tmp_path / "model.gguf"
     path.write_bytes(unique_gguf())
@@ -283,8 +283,8 @@ def test_a_model_changed_under_the_same_name_is_what_the_next_request_runs(
     prompt = rendered().json()["_debug_info"]["rendered_template"]
     assert "Second system." in prompt and "First system." not in prompt
     # Another process on the same store (here: this test's) deletes it.
-    from registry.library import Library
-    from registry.names import ModelName
+    from berth.registry.library import Library
+    from berth.registry.names import ModelName
     library = Library(server.models_dir)
     try:
         library.delete(ModelName.parse(name))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.api.disconnect import ClientGone, unless_disconnected
+from berth.server.api.disconnect import ClientGone, unless_disconnected
 
 
 class Client:

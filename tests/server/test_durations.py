@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from registry.errors import InvalidInput
-from server.durations import FOREVER, parse_env_keep_alive, parse_go_duration, parse_keep_alive
+from berth.registry.errors import InvalidInput
+from berth.server.durations import FOREVER, parse_env_keep_alive, parse_go_duration, parse_keep_alive
 
 
 @pytest.mark.parametrize(

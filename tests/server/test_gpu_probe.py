@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from server.gpu_probe import Device, describe, probe_devices
+from berth.server.gpu_probe import Device, describe, probe_devices
 from tests.conftest import BerthServer
 
 

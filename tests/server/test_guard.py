@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.guard import BUILTIN_ORIGINS, host_is_local, origin_allowed, parse_origins
+from berth.server.guard import BUILTIN_ORIGINS, host_is_local, origin_allowed, parse_origins
 from tests.conftest import BerthServer
 
 

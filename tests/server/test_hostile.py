@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 
-from registry.create import PATHS_REFUSED
-from registry.default_model import DEFAULT_MODEL_NAME
-from registry.digest import Digest
-from server import crash_guard
+from berth.registry.create import PATHS_REFUSED
+from berth.registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.digest import Digest
+from berth.server import crash_guard
 from tests.conftest import BerthServer
 from tests.server.test_inference import kill_runner_while_streaming, runner_pids
 

@@ -8,8 +8,8 @@ import zlib
 
 import pytest
 
-from registry.errors import InvalidField
-from server import images
+from berth.registry.errors import InvalidField
+from berth.server import images
 from tests.vision_fixture import png
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import ollama
 import pytest
 
-from registry.errors import InvalidInput
-from server import jinja_prompt
-from server.prompt import ChatMessage
+from berth.registry.errors import InvalidInput
+from berth.server import jinja_prompt
+from berth.server.prompt import ChatMessage
 from tests.conftest import BerthServer
 
 GEMMA_JINJA = (
@@ -53,10 +53,10 @@ def test_fit_drops_oldest_messages_but_keeps_system_and_last() -> None:
 
 
 def test_a_model_without_template_layer_chats_through_its_gguf_template(server: BerthServer, tmp_path: Path) -> None:
-    from registry.builder import ModelBuilder
-    from registry.library import Library
-    from registry.manifest import MODEL_LAYER
-    from registry.names import ModelName
+    from berth.registry.builder import ModelBuilder
+    from berth.registry.library import Library
+    from berth.registry.manifest import MODEL_LAYER
+    from berth.registry.names import ModelName
 
     base = next(p for p in (server.models_dir / "blobs").iterdir() if p.stat().st_size > 100_000_000)
     copy = tmp_path / "with-template.gguf"

@@ -9,12 +9,12 @@ import httpx
 import openai
 import pytest
 
-from registry.default_model import DEFAULT_MODEL_NAME
-from registry.keys import KeyStore, parse_scope
-from registry.library import Library
-from server.address import parse_host
-from server.auth import required_scope
-from server.settings import Settings
+from berth.registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.keys import KeyStore, parse_scope
+from berth.registry.library import Library
+from berth.server.address import parse_host
+from berth.server.auth import required_scope
+from berth.server.settings import Settings
 from tests.conftest import BerthServer, berth_executable, start_server
 
 
@@ -113,7 +113,7 @@ def test_clients_send_keys(locked_server: BerthServer) -> None:
 
 async def _through_auth(headers: list[tuple[bytes, bytes]], required: bool) -> int:
     """The status AuthMiddleware gives a loopback request with `headers` (200: passed on)."""
-    from server.auth import AuthMiddleware
+    from berth.server.auth import AuthMiddleware
 
     statuses: list[int] = []
 
@@ -141,7 +141,7 @@ def test_a_request_relayed_by_a_proxy_is_not_a_local_client(header: bytes) -> No
 def test_a_loopback_server_without_keys_warns_once_about_a_proxy(caplog: pytest.LogCaptureFixture) -> None:
     import asyncio
 
-    from server.auth import AuthMiddleware
+    from berth.server.auth import AuthMiddleware
 
     async def app(scope: dict, receive: object, send: object) -> None:
         pass

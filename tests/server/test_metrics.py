@@ -6,7 +6,7 @@ import re
 
 import httpx
 
-from registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer
 
 

@@ -9,7 +9,7 @@ import subprocess
 import httpx
 import pytest
 
-from registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer, berth_executable
 
 REPO = "library/gemma3"

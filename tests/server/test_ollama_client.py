@@ -14,7 +14,7 @@ from typing import Iterator
 import ollama
 import pytest
 
-from registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer
 from tests.registry_fixture import LocalRegistry
 

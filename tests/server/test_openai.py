@@ -22,11 +22,11 @@ import pytest
 from fastapi.responses import StreamingResponse
 from langchain_ollama import ChatOllama, OllamaEmbeddings
 
-from registry.default_model import DEFAULT_MODEL_NAME
-from registry.errors import InvalidInput
-from server import openai_shapes as shapes
-from server.api import openai as openai_routes
-from server.runner_client import RunnerError
+from berth.registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.errors import InvalidInput
+from berth.server import openai_shapes as shapes
+from berth.server.api import openai as openai_routes
+from berth.server.runner_client import RunnerError
 from tests.conftest import BerthServer
 
 MODEL = DEFAULT_MODEL_NAME

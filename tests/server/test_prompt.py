@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.errors import InvalidInput
-from server.prompt import (
+from berth.registry.errors import InvalidInput
+from berth.server.prompt import (
     ChatMessage,
     PromptError,
     PromptModel,
@@ -22,7 +22,7 @@ from server.prompt import (
     render_chat,
     render_suffix,
 )
-from server.tools import ToolCall
+from berth.server.tools import ToolCall
 
 CHATML = """{{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>

@@ -16,7 +16,7 @@ def _store_models(models: Path, names: list[str]) -> Path:
     """A models directory holding a small, distinct model under each name (no server running yet)."""
     import os
 
-    from registry.library import Library
+    from berth.registry.library import Library
     from tests.registry_fixture import make_model
 
     library = Library(models)
@@ -93,7 +93,7 @@ def test_cli_login_push_pull_logout(tmp_path, auth_registry: LocalRegistry) -> N
     import os
     import subprocess
 
-    from registry.library import Library
+    from berth.registry.library import Library
     from tests.conftest import berth_executable, start_server
     from tests.registry_fixture import make_model
 
@@ -146,7 +146,7 @@ def test_cli_login_push_pull_logout(tmp_path, auth_registry: LocalRegistry) -> N
 
 
 def test_signed_push_trust_policy_and_rate_cap_through_the_api(tmp_path, registry: LocalRegistry) -> None:  # type: ignore[no-untyped-def]
-    from registry.user_key import load_or_create_key
+    from berth.registry.user_key import load_or_create_key
     from tests.conftest import start_server
 
     home = tmp_path / "home"

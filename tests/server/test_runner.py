@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.runner import LoadSpec, _split_at_stop, gpu_layers, logprob_entry, offloaded_share
+from berth.server.runner import LoadSpec, _split_at_stop, gpu_layers, logprob_entry, offloaded_share
 
 
 def test_without_a_gpu_backend_everything_runs_on_the_cpu() -> None:
@@ -53,7 +53,7 @@ def test_streaming_through_stop_holdback_equals_cutting_the_whole_text(pieces: l
 
 
 def test_batch_slots_are_capped_by_the_memory_their_kv_caches_need() -> None:
-    from server.runner import kv_slots_that_fit
+    from berth.server.runner import kv_slots_that_fit
 
     gemma = {"general.architecture": "gemma3", "gemma3.block_count": "18", "gemma3.attention.head_count": "4",
              "gemma3.attention.head_count_kv": "1", "gemma3.attention.key_length": "256",

@@ -10,7 +10,7 @@ import httpx
 import ollama
 import pytest
 
-from registry.default_model import DEFAULT_MODEL_NAME
+from berth.registry.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import BerthServer, add_variant, start_server
 
 MODEL = DEFAULT_MODEL_NAME
@@ -176,10 +176,10 @@ def test_a_request_that_attaches_before_a_scheduled_unload_keeps_its_runner(
     the runner before that runs must keep it, not see it stopped under it."""
     import asyncio
 
-    import server.scheduler as scheduling
-    from registry.digest import Digest
-    from registry.names import ModelName
-    from server.runner import LoadSpec
+    import berth.server.scheduler as scheduling
+    from berth.registry.digest import Digest
+    from berth.registry.names import ModelName
+    from berth.server.runner import LoadSpec
 
     monkeypatch.setattr(scheduling, "RunnerProcess", FakeRunner)
     ref = scheduling.ModelRef(name=ModelName.parse("m:1"), digest=Digest.of_bytes(b"m"),
@@ -207,10 +207,10 @@ def test_a_queue_of_none_serves_a_load_and_turns_away_a_request_that_would_wait_
     one that arrives during that load would wait behind it, so it gets QueueFull at once."""
     import asyncio
 
-    import server.scheduler as scheduling
-    from registry.digest import Digest
-    from registry.names import ModelName
-    from server.runner import LoadSpec
+    import berth.server.scheduler as scheduling
+    from berth.registry.digest import Digest
+    from berth.registry.names import ModelName
+    from berth.server.runner import LoadSpec
 
     loading = threading.Event()
 

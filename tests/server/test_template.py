@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.template import (
+from berth.server.template import (
     ExecError,
     GoStruct,
     JSONValue,

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from registry.errors import InvalidInput
-from server import jinja_prompt, prompt
-from server import template as go
-from server.prompt import ChatMessage, PromptError, render_chat, render_suffix
-from server.template import ExecError, ParseError, parse, render
-from server.tools import ToolCall
+from berth.registry.errors import InvalidInput
+from berth.server import jinja_prompt, prompt
+from berth.server import template as go
+from berth.server.prompt import ChatMessage, PromptError, render_chat, render_suffix
+from berth.server.template import ExecError, ParseError, parse, render
+from berth.server.tools import ToolCall
 
 MESSAGES = [
     ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello!"),

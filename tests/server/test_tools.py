@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.errors import InvalidInput
-from server.template import render
-from server.tools import (
+from berth.registry.errors import InvalidInput
+from berth.server.template import render
+from berth.server.tools import (
     ToolCall,
     ToolCallParser,
     capabilities_from_template,
