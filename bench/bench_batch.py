@@ -1,4 +1,4 @@
-"""Continuous batching (server/batch_engine.py) against one-request-at-a-time llama-cpp-python.
+"""Continuous batching (server/runner/batch_engine.py) against one-request-at-a-time llama-cpp-python.
 
 For N = 1, 2, 4, 8 concurrent requests (fixed prompts, fixed num_predict, seeded sampling), all
 arriving at once, both sides report aggregate generated tokens/s, time to first token p50/p99 and
@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from berth.server.batch_engine import BatchEngine  # noqa: E402
+from berth.server.runner.batch_engine import BatchEngine  # noqa: E402
 
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",

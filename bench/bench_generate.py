@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from berth.server.runner import physical_cores  # noqa: E402
+from berth.server.runner.placement import physical_cores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time, in a small village by the sea, there lived"

@@ -27,8 +27,8 @@ from berth.server import tools as tool_calls
 from berth.server.crash_guard import Caller, CrashGuard, fingerprint
 from berth.server.images import MAX_IMAGES, check_images
 from berth.server.models import ModelView, view
-from berth.server.runner import AUTO_SLOTS, LoadSpec, take_logprobs
-from berth.server.runner_client import RunnerDied
+from berth.server.runner.client import RunnerDied
+from berth.server.runner.protocol import AUTO_SLOTS, LoadSpec, take_logprobs
 from berth.server.scheduler import Lease, ModelRef, Scheduler
 from berth.server.settings import Settings
 

@@ -25,8 +25,8 @@ from berth.registry.digest import Digest
 from berth.registry.errors import BerthError
 from berth.registry.names import ModelName
 from berth.server.metrics import Metrics
-from berth.server.runner import LoadSpec
-from berth.server.runner_client import RunnerProcess
+from berth.server.runner.protocol import LoadSpec
+from berth.server.runner.client import RunnerProcess
 
 log = logging.getLogger("berth.scheduler")
 

@@ -21,8 +21,9 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from berth.server.batch_engine import BatchEngine, model_params  # noqa: E402
-from berth.server.runner import InputError, _shifted, logprob_entry  # noqa: E402
+from berth.server.runner.batch_engine import BatchEngine, model_params  # noqa: E402
+from berth.server.runner.generation import logprob_entry, shifted
+from berth.server.runner.protocol import InputError  # noqa: E402
 
 SLOT_CTX = 512
 PROMPTS = [
@@ -477,10 +478,9 @@ def test_a_num_keep_past_the_context_still_shifts_within_the_slot(engine: BatchE
 
 def test_a_shift_keeps_at_most_half_the_window() -> None:
     window = list(range(100))
-    assert _shifted(window, 4, bos=True) == window[:5] + window[5 + 47:]  # BOS + num_keep, half the rest
+    assert shifted(window, 4, bos=True) == window[:5] + window[5 + 47:]  # BOS + num_keep, half the rest
     for num_keep in (49, 98, 99, 100_000):
-        shifted = _shifted(window, num_keep, bos=True)
-        assert shifted == window[:50] + window[75:]  # half kept, half of the other half dropped
+        assert shifted(window, num_keep, bos=True) == window[:50] + window[75:]  # half kept, half of the other half dropped
 
 
 def test_a_grammar_that_cannot_be_satisfied_ends_only_its_own_sequence(engine: BatchEngine, llm: Any) -> None:
@@ -571,7 +571,7 @@ class HeldProjector:
 
 @pytest.fixture
 def vision_engine(gguf_path: Path, tmp_path: Path) -> Iterator[tuple[BatchEngine, HeldProjector]]:
-    from berth.server.vision import Projector
+    from berth.server.runner.vision import Projector
     from tests.vision_fixture import write_fake_projector
 
     params = llama_cpp.llama_model_default_params()

@@ -26,7 +26,7 @@ from berth.registry.default_model import DEFAULT_MODEL_NAME
 from berth.registry.errors import InvalidInput
 from berth.server import openai_shapes as shapes
 from berth.server.api import openai as openai_routes
-from berth.server.runner_client import RunnerError
+from berth.server.runner.client import RunnerError
 from tests.conftest import BerthServer
 
 MODEL = DEFAULT_MODEL_NAME

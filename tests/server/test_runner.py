@@ -5,7 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from berth.server.runner import LoadSpec, _split_at_stop, gpu_layers, logprob_entry, offloaded_share
+from berth.server.runner.generation import logprob_entry, split_at_stop
+from berth.server.runner.placement import gpu_layers, offloaded_share
+from berth.server.runner.protocol import LoadSpec
 
 
 def test_without_a_gpu_backend_everything_runs_on_the_cpu() -> None:
@@ -30,10 +32,10 @@ def test_the_share_on_the_gpu_counts_the_output_layer_with_the_blocks() -> None:
 
 
 def test_stop_strings_are_cut_and_prefixes_held_back() -> None:
-    assert _split_at_stop("hello <end", ["<end_of_turn>"]) == ("hello ", "<end", False)
-    assert _split_at_stop("hello <end_of_turn> more", ["<end_of_turn>"]) == ("hello ", "", True)
-    assert _split_at_stop("hello <x", ["<end_of_turn>"]) == ("hello <x", "", False)
-    assert _split_at_stop("anything", []) == ("anything", "", False)
+    assert split_at_stop("hello <end", ["<end_of_turn>"]) == ("hello ", "<end", False)
+    assert split_at_stop("hello <end_of_turn> more", ["<end_of_turn>"]) == ("hello ", "", True)
+    assert split_at_stop("hello <x", ["<end_of_turn>"]) == ("hello <x", "", False)
+    assert split_at_stop("anything", []) == ("anything", "", False)
 
 
 @given(st.lists(st.text(alphabet="ab<>", max_size=4), max_size=12))
@@ -41,7 +43,7 @@ def test_streaming_through_stop_holdback_equals_cutting_the_whole_text(pieces: l
     stops = ["<ab>", "ba"]
     emitted, pending, hit = "", "", False
     for piece in pieces:
-        out, pending, hit = _split_at_stop(pending + piece, stops)
+        out, pending, hit = split_at_stop(pending + piece, stops)
         emitted += out
         if hit:
             break
@@ -53,7 +55,7 @@ def test_streaming_through_stop_holdback_equals_cutting_the_whole_text(pieces: l
 
 
 def test_batch_slots_are_capped_by_the_memory_their_kv_caches_need() -> None:
-    from berth.server.runner import kv_slots_that_fit
+    from berth.server.runner.placement import kv_slots_that_fit
 
     gemma = {"general.architecture": "gemma3", "gemma3.block_count": "18", "gemma3.attention.head_count": "4",
              "gemma3.attention.head_count_kv": "1", "gemma3.attention.key_length": "256",

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from berth.server.runner import LoadSpec
-from berth.server.runner_client import RunnerProcess
+from berth.server.runner.protocol import LoadSpec
+from berth.server.runner.client import RunnerProcess
 
 
 def test_a_request_that_ended_sends_the_runner_no_cancel() -> None:

@@ -179,7 +179,7 @@ def test_a_request_that_attaches_before_a_scheduled_unload_keeps_its_runner(
     import berth.server.scheduler as scheduling
     from berth.registry.digest import Digest
     from berth.registry.names import ModelName
-    from berth.server.runner import LoadSpec
+    from berth.server.runner.protocol import LoadSpec
 
     monkeypatch.setattr(scheduling, "RunnerProcess", FakeRunner)
     ref = scheduling.ModelRef(name=ModelName.parse("m:1"), digest=Digest.of_bytes(b"m"),
@@ -210,7 +210,7 @@ def test_a_queue_of_none_serves_a_load_and_turns_away_a_request_that_would_wait_
     import berth.server.scheduler as scheduling
     from berth.registry.digest import Digest
     from berth.registry.names import ModelName
-    from berth.server.runner import LoadSpec
+    from berth.server.runner.protocol import LoadSpec
 
     loading = threading.Event()
 

@@ -96,7 +96,7 @@ def test_images_work_with_batching_off_too(tmp_path: Path) -> None:
 
 
 def test_image_tags_become_markers_in_order_and_untagged_images_go_first() -> None:
-    from berth.server.vision import with_markers
+    from berth.server.runner.vision import with_markers
 
     assert with_markers("[img-1] and [img-0] ok", 2, "<M>") == ("<M> and <M> ok", [1, 0])
     assert with_markers("no tags", 2, "<M>") == ("<M><M>no tags", [0, 1])

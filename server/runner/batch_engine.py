@@ -45,7 +45,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from berth.server.runner import InputError, SamplingOptions, _shifted, _split_at_stop, logprob_entry, physical_cores
+from berth.server.runner.generation import logprob_entry, shifted, split_at_stop
+from berth.server.runner.placement import physical_cores
+from berth.server.runner.protocol import InputError, SamplingOptions
 
 log = logging.getLogger("berth.batch_engine")
 
@@ -121,7 +123,7 @@ class BatchEngine:
                  projector: Any = None) -> None:
         """`model`: an already loaded `llama_model *` to add a context to (the runner's, so the
         weights are in memory once); it stays its owner's. Otherwise `model_path` is loaded.
-        `projector`: a server.vision.Projector on that model, for requests with images.
+        `projector`: a vision.Projector on that model, for requests with images.
         `batch_invariant`: a sequence's output does not depend on the others (see the module
         docstring); a given `model` must then have been loaded without repacked weights."""
         import llama_cpp
@@ -578,7 +580,7 @@ class BatchEngine:
                                                self._n_vocab, token, job.top_logprobs,
                                                lambda t: self._piece(t, special=True)))
         slot.pending_text += slot.decoder.decode(self._piece(token))
-        emit, slot.pending_text, hit = _split_at_stop(slot.pending_text, list(options.stop))
+        emit, slot.pending_text, hit = split_at_stop(slot.pending_text, list(options.stop))
         if emit:
             self._send_piece(slot, emit)
         if hit:
@@ -601,7 +603,7 @@ class BatchEngine:
         """Context shift: keep BOS and num_keep tokens, drop the older half of the rest, and go on
         from the shorter window, which is evaluated again like a prompt (its last token is `token`)."""
         assert slot.job is not None
-        window = _shifted(slot.cached + [token], slot.job.options.num_keep, bos=True)
+        window = shifted(slot.cached + [token], slot.job.options.num_keep, bos=True)
         self._drop_kv(slot)
         slot.to_prefill = window
         slot.next_token = None

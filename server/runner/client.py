@@ -18,7 +18,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any, AsyncIterator
 
 from berth.registry.errors import BerthError, InvalidInput
-from berth.server.runner import LoadSpec, runner_main
+from berth.server.runner.process import runner_main
+from berth.server.runner.protocol import LoadSpec
 
 log = logging.getLogger("berth.runner")
 

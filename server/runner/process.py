@@ -1,95 +1,32 @@
-"""The runner: a child process that owns one loaded model and answers requests over a pipe.
-
-The API process never loads weights. Each loaded model lives in a process started with *spawn*
-(fork after llama.cpp is initialised hangs), so a crash, an OOM or a hostile file takes down one
-runner, and ending the process really frees its memory, GPU memory included.
+"""The runner process: owns one loaded model and answers the API process over a pipe
+(messages in berth.server.runner.protocol).
 
 Inside the runner one thread owns the `Llama` objects (they are not thread-safe); a reader
 thread only receives messages, so a cancel can arrive while a generation runs.
-
-Protocol (pickled dicts over a `multiprocessing` connection):
-  parent -> runner: {"op": "generate" | "embed" | "tokenize" | "cancel", "id": int, ...}
-  runner -> parent: {"type": "ready", ...} once, then per request {"id", "type": "token" | "done"
-                    | "error" | "result", ...}; the batch engine sends each step's messages as one
-                    {"type": "many", "messages": [...]}
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import json
 import os
 import queue
-import random
 import threading
 import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
-
-class InputError(ValueError):
-    """A request the runner cannot serve as asked (reported to the client as a 400)."""
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """What a runner loads, and the load-time options that make it a different runner."""
-
-    model_path: str
-    adapter_paths: tuple[str, ...] = ()
-    projector_path: str | None = None
-    num_ctx: int = 4096
-    num_batch: int = 512
-    num_gpu: int = -1
-    main_gpu: int = 0
-    use_mmap: bool | None = None
-    num_thread: int = 0
-    # Generations at once through the continuous-batching engine: AUTO_SLOTS picks by hardware
-    # (4 with the model on a GPU, 2 on the CPU, fewer when their KV caches would not fit in
-    # memory); 0 or 1 serves one at a time with llama-cpp-python's own generate.
-    batch_slots: int = 0
-    # llama.cpp's flash attention (its own default, "auto", turns it on where the backend has it):
-    # ~12% faster batched decode steps on CPU; both generation paths use the same setting so that
-    # they give the same output.
-    flash_attn: bool = True
-    # Batch-invariant generation: flash attention off, weights not repacked for the CPU, one KV
-    # stream per slot. Each of those makes llama.cpp round a sequence's numbers differently with
-    # the batch it is in; without them a seeded request answers the same alone or among others.
-    deterministic: bool = False
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """A request's sampling options with Ollama's defaults, read the same by both generation paths."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repeat_last_n: int = 64
-    seed: int = -1
-    num_predict: int = -1
-    num_keep: int = 4  # tokens (after BOS) a context shift never discards
-    stop: tuple[str, ...] = ()
-
-    def sampler_seed(self) -> int:
-        """The seed llama.cpp's sampler takes (a uint32, as Go's conversion makes Ollama's int64
-        one); a random one for a negative seed."""
-        return self.seed & 0xFFFFFFFF if self.seed >= 0 else random.randint(0, 2**31 - 1)
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "SamplingOptions":
-        """Ollama's option names are the field names; an absent option keeps its default above."""
-        values: dict[str, Any] = {spec.name: type(spec.default)(options[spec.name])
-                                  for spec in fields(cls) if spec.name in options and spec.name != "stop"}
-        return cls(**values, stop=tuple(s for s in options.get("stop", ()) or () if s))
+from berth.server.runner.generation import logprob_entry, shifted, split_at_stop
+from berth.server.runner.placement import (
+    available_memory,
+    gpu_layers,
+    kv_slots_that_fit,
+    offloaded_share,
+    physical_cores,
+    repacked_weights,
+)
+from berth.server.runner.protocol import AUTO_SLOTS, InputError, LoadSpec, SamplingOptions, take_logprobs
 
 
 @dataclass
@@ -99,96 +36,6 @@ class _Stats:
     eval_count: int = 0
     eval_duration: int = 0
     tokens: list[int] = field(default_factory=list)
-
-
-AUTO_SLOTS = -1
-# At most this share of the memory available at load time goes to the batch slots' KV caches.
-KV_MEMORY_SHARE = 0.5
-
-
-def kv_slots_that_fit(metadata: Mapping[str, str], num_ctx: int, available: int | None) -> int:
-    """How many slots' f16 KV caches (num_ctx tokens each) fit in KV_MEMORY_SHARE of `available`
-    bytes, from the GGUF's own figures; a large number when they are not known."""
-    arch = metadata.get("general.architecture", "")
-
-    def number(key: str) -> int | None:
-        value = metadata.get(f"{arch}.{key}")
-        return int(value) if value is not None and str(value).isdigit() else None
-
-    layers, heads, kv_heads, width = (number("block_count"), number("attention.head_count"),
-                                      number("attention.head_count_kv"), number("embedding_length"))
-    if not (available and layers and heads and width):
-        return 1 << 16
-    key = number("attention.key_length") or width // heads
-    value = number("attention.value_length") or width // heads
-    per_slot = layers * num_ctx * (kv_heads or heads) * (key + value) * 2
-    return max(1, int(available * KV_MEMORY_SHARE) // per_slot)
-
-
-def physical_cores() -> int:
-    """The cores this process may run on, hyperthread siblings counted once: the default thread
-    count, as Ollama's (llama-cpp-python's own default, half the logical CPUs, leaves half of a
-    machine without hyperthreads idle)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores: set[tuple[str, str]] = set()
-    for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    return max(1, len(cores))
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def gpu_layers(spec: LoadSpec, supports_gpu: bool) -> int:
-    """num_gpu -1 means all layers when llama.cpp has a GPU backend; otherwise what was asked."""
-    if not supports_gpu:
-        return 0
-    if spec.num_gpu < 0:
-        return -1  # llama.cpp: offload every layer
-    return spec.num_gpu
-
-
-def offloaded_share(n_gpu_layers: int, n_layer: int) -> float:
-    """The part of the model on the GPU, for `/api/ps`'s size_vram: llama.cpp offloads the last
-    `n_gpu_layers` of the n_layer blocks plus the output layer (-1: all of them)."""
-    offloadable = n_layer + 1
-    if n_gpu_layers < 0 or n_gpu_layers >= offloadable:
-        return 1.0
-    return n_gpu_layers / offloadable
-
-
-@contextlib.contextmanager
-def _repacked_weights(llama_cpp: Any, wanted: bool) -> Iterator[None]:
-    """While a `Llama` is made: whether llama.cpp repacks its weights for the CPU's fastest
-    kernels (llama-cpp-python has no parameter for it, so its model defaults are wrapped)."""
-    if wanted:
-        yield
-        return
-    module = llama_cpp.llama_cpp
-    defaults = module.llama_model_default_params
-
-    def without_repacking() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    module.llama_model_default_params = without_repacking
-    try:
-        yield
-    finally:
-        module.llama_model_default_params = defaults
 
 
 class _Runner:
@@ -203,7 +50,7 @@ class _Runner:
         threads = spec.num_thread if spec.num_thread > 0 else physical_cores()
         self.threads = threads
         self.flash_attn = spec.flash_attn and not spec.deterministic
-        with _repacked_weights(llama_cpp, not spec.deterministic):
+        with repacked_weights(llama_cpp, not spec.deterministic):
             self.llm = llama_cpp.Llama(
                 model_path=spec.model_path,
                 n_ctx=spec.num_ctx,
@@ -233,7 +80,7 @@ class _Runner:
         self.projector: Any = None
         self.on_gpu = self.supports_gpu and self.n_gpu_layers != 0
         if spec.projector_path:
-            from berth.server.vision import Projector
+            from berth.server.runner.vision import Projector
 
             self.projector = Projector(spec.projector_path, self.llm.model, use_gpu=self.on_gpu,
                                        n_threads=threads)
@@ -251,13 +98,13 @@ class _Runner:
             return spec.batch_slots
         if self.on_gpu:
             return 4  # a context that does not fit is halved in _start_engine
-        return min(2, kv_slots_that_fit(self.llm.metadata, spec.num_ctx, _available_memory()))
+        return min(2, kv_slots_that_fit(self.llm.metadata, spec.num_ctx, available_memory()))
 
     def _start_engine(self, slots: int) -> Any:
         """The batch engine with `slots` slots, halved while llama.cpp cannot make room for their KV
         caches. With a projector it is needed down to one slot (images go through it); without,
         fewer than two is no batching: None, and generations go one at a time."""
-        from berth.server.batch_engine import BatchEngine
+        from berth.server.runner.batch_engine import BatchEngine
 
         spec = self.spec
         minimum = 1 if self.projector is not None else 2
@@ -491,7 +338,7 @@ class _Runner:
                     window.append(token)
                     piece = llm.detokenize([token], prev_tokens=tokens + stats.tokens[:-1])
                     pending += decoder.decode(piece)
-                    emit, pending, hit = _split_at_stop(pending, stops)
+                    emit, pending, hit = split_at_stop(pending, stops)
                     if emit:
                         self.send({"id": job_id, "type": "token", "text": emit, **take_logprobs(logprobs)})
                     if hit:
@@ -505,7 +352,7 @@ class _Runner:
                         if not shift:
                             reason = "length"
                             break
-                        window = _shifted(window, sampling.num_keep, bos=bool(message.get("add_bos", True)))
+                        window = shifted(window, sampling.num_keep, bos=bool(message.get("add_bos", True)))
                         generating = True  # go on from the shortened window (its kept tail is re-read)
                         break
             finally:
@@ -596,75 +443,6 @@ class _Runner:
                 verbose=False,
             )
         return self.embedder
-
-
-def logprob_entry(logits_row: Any, n_vocab: int, token: int, top_n: int,
-                  text_of: Callable[[int], bytes]) -> dict[str, Any]:
-    """Ollama's logprob entry for a sampled token: log-softmax of the model's raw logits (before any
-    sampling transform) at `logits_row` (a llama.cpp float pointer), plus the `top_n` likeliest
-    tokens at that position; `text_of` gives a token's bytes, special tokens included."""
-    import numpy as np
-
-    logits = np.ctypeslib.as_array(logits_row, shape=(n_vocab,))
-    peak = float(logits.max())
-    log_total = peak + float(np.log(np.exp(logits - peak).sum()))
-
-    def entry(candidate: int) -> dict[str, Any]:
-        data = text_of(candidate)
-        return {"token": data.decode("utf-8", errors="replace"), "logprob": float(logits[candidate]) - log_total,
-                "bytes": list(data)}
-
-    chosen = entry(token)
-    if top_n > 0:
-        # An argmax per alternative (at most 20): over a 262k vocabulary several times faster than
-        # argpartition, and this runs inside an engine step every sequence shares.
-        rest = logits.copy()
-        best = []
-        for _ in range(top_n):
-            best.append(int(rest.argmax()))
-            rest[best[-1]] = -np.inf
-        chosen["top_logprobs"] = [entry(t) for t in best]
-    return chosen
-
-
-def take_logprobs(logprobs: list[dict[str, Any]]) -> dict[str, Any]:
-    """`{"logprobs": [...]}` with the entries gathered so far (emptying the list), or nothing."""
-    if not logprobs:
-        return {}
-    taken = list(logprobs)
-    logprobs.clear()
-    return {"logprobs": taken}
-
-
-def _shifted(window: list[int], num_keep: int, bos: bool) -> list[int]:
-    """The context after a shift, as llama.cpp's runners do it: keep BOS and the first `num_keep`
-    tokens, drop the older half of the rest. At most half the window is kept, whatever `num_keep`
-    says: a `num_keep` near or past the context would otherwise leave nothing (or next to nothing)
-    to drop, and the window would be evaluated again on every token, growing past its slot."""
-    keep = min(len(window) // 2, max(0, num_keep) + int(bos))
-    discard = (len(window) - keep) // 2
-    return window[:keep] + window[keep + discard:]
-
-
-def _split_at_stop(text: str, stops: list[str]) -> tuple[str, str, bool]:
-    """Split decoded text into (safe to emit, held back, stop seen).
-
-    Text that ends with a proper prefix of a stop string is held back until it either completes
-    the stop (which is then dropped, with everything after it) or diverges.
-    """
-    if not stops:
-        return text, "", False
-    for stop in stops:
-        index = text.find(stop)
-        if index >= 0:
-            return text[:index], "", True
-    hold = 0
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:length]):
-                hold = max(hold, length)
-                break
-    return (text[:-hold], text[-hold:], False) if hold else (text, "", False)
 
 
 def _token_text(llm: Any, token: int) -> str:

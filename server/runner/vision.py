@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from berth.server.runner import InputError
+from berth.server.runner.protocol import InputError
 
 IMAGE_TAG = re.compile(r"\[img-(\d+)\]")
 
