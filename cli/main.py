@@ -1,4 +1,7 @@
-"""The `berth` command. Every command but `serve` and `fsck` is a client of a server's HTTP API."""
+"""The `berth` command. Most commands are clients of a server's HTTP API; these work on this
+machine instead: `serve` (is the server), `fsck` and `import-ollama` (the store at BERTH_MODELS),
+`login`, `logout` and `key` (the Berth home's credentials and signing key), and `verify` (the
+registry directly, with the server asked only whether it has the model)."""
 
 from __future__ import annotations
 

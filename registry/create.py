@@ -1,5 +1,5 @@
 """Create: a model from an existing model or from GGUF files, with template, system, parameters,
-messages and licenses (spec/ollama-registry.md §7).
+messages and licenses (docs/ollama-compatibility.md, "Create layers").
 
 No HTTP here. `plan_from_request` (the current request shape) and `plan_from_modelfile` (the
 early-2024 shape, a Modelfile whose FROM names `@sha256:…` blobs) check a request and turn it
@@ -295,7 +295,8 @@ class ModelCreator:
         return _Inspected(source, adapter, layer, info)
 
     def _with_text_layers(self, layers: list[_Layer], plan: CreatePlan, cleanup: ExitStack) -> list[_Layer]:
-        """Spec §7.2's order: a given template or system replaces the old layer and goes last, then
+        """The order Ollama gives layers (docs/ollama-compatibility.md, "Create layers"): a given
+        template or system replaces the old layer and goes last, then
         licenses are appended, then the merged parameters, then messages (when given)."""
 
         def text_layer(media_type: str, data: bytes) -> _Layer:

@@ -213,7 +213,7 @@ GGML_TYPES: Final[Mapping[int, GGMLType]] = {
     41: GGMLType("Q1_0", 128, 2 + 16),
 }
 
-#: `general.file_type` (llama_ftype) → name, as Ollama prints it (spec §7.2).
+#: `general.file_type` (llama_ftype) → name, as Ollama prints it (docs/ollama-compatibility.md, "Create layers").
 FILE_TYPE_NAMES: Final[Mapping[int, str]] = {
     0: "F32",
     1: "F16",
@@ -290,7 +290,7 @@ class GGUFInfo:
     parameter_size: str  # human_parameter_size(parameter_count), Ollama's `model_type`
     context_length: int | None  # <arch>.context_length
     embedding_length: int | None  # <arch>.embedding_length
-    kind: str  # "model", "adapter" or "projector" (spec §7.2 media-type rules)
+    kind: str  # "model", "adapter" or "projector" (docs/ollama-compatibility.md, "Create layers")
     chat_template: str | None  # tokenizer.chat_template
     # Every key/value pair in file order. Arrays longer than max_array_items are
     # TruncatedArray markers; strings are decoded as UTF-8 with errors="replace".

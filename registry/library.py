@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -165,16 +165,6 @@ class Library:
                 self._pins.subtract(held)
                 self._pins += Counter()  # drop zero counts
 
-    def pin(self, digest: Digest) -> None:
-        with self._lock:
-            self._pins[digest] += 1
-
-    def unpin(self, digest: Digest) -> None:
-        with self._lock:
-            self._pins[digest] -= 1
-            if self._pins[digest] <= 0:
-                del self._pins[digest]
-
     def tag(self, name: ModelName, manifest: Manifest) -> GcReport:
         """Point `name` at `manifest` in one transaction; collect what the old manifest alone used.
 
@@ -257,7 +247,3 @@ class Library:
         with self.session() as session:
             rows = session.execute(select(BlobRow.digest, BlobRow.size)).all()
         return {Digest.parse(d): size for d, size in rows}
-
-    def count_models(self) -> int:
-        with self.session() as session:
-            return session.scalar(select(func.count()).select_from(TagRow)) or 0

@@ -1,6 +1,6 @@
 """Modelfiles: Ollama's grammar parsed into a typed `Modelfile`, and rendered back as `show --modelfile`.
 
-The grammar is Ollama's current one (spec/ollama-registry.md §8): one `COMMAND value` per line,
+The grammar is Ollama's current one (docs/ollama-compatibility.md, "Modelfile"): one `COMMAND value` per line,
 commands case-insensitive and followed by a space or tab, `#` comments only at the start of a line,
 values trimmed, `"…"` and `\"\"\"…\"\"\"` quoting (a value may span lines while its quote is open) with no
 escapes, non-printable characters other than tab, CR and LF dropped. `parse` also applies what

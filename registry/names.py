@@ -79,14 +79,6 @@ class ModelName:
             raise InvalidName(f"invalid model name {text!r}: {problem}")
         return name
 
-    @classmethod
-    def is_valid(cls, text: str) -> bool:
-        try:
-            cls.parse(text)
-        except Exception:  # noqa: BLE001 - any failure means "not valid"
-            return False
-        return True
-
     def problem(self) -> str | None:
         for rule, value in ((_HOST, self.host), (_NAMESPACE, self.namespace), (_MODEL, self.model), (_TAG, self.tag)):
             reason = rule.problem(value)
@@ -115,9 +107,6 @@ class ModelName:
     def key(self) -> str:
         """Case-folded identity: names that differ only in case are the same model."""
         return str(self).lower()
-
-    def with_tag(self, tag: str) -> "ModelName":
-        return replace(self, tag=tag)
 
     def canonical(self, existing: Iterable["ModelName"]) -> "ModelName":
         """Adopt the stored spelling of each part that matches an existing name case-insensitively.

@@ -1,6 +1,6 @@
 """The HTTP client of the OCI distribution API that pull and push speak through.
 
-Why not the `oras` package (spec/libs.md part 1): it has no timeouts, one bearer token per client
+Why not the `oras` package: it has no timeouts, one bearer token per client
 (scope-strict registries fail a push), retries only on 500 and ignores `Retry-After`, cannot send
 `Range`, returns parsed manifests instead of their bytes, reads whole blobs into memory on upload and
 does not resume. Overriding all of that leaves nothing of it, so this module sits directly on httpx;

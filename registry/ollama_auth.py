@@ -1,4 +1,5 @@
-"""Ollama's registry token requests, signed with the user's ed25519 key (spec/ollama-registry.md §6).
+"""Ollama's registry token requests, signed with the user's ed25519 key
+(docs/ollama-compatibility.md, "Registry authentication").
 
 On a `401` with `Bearer realm=…`, Ollama asks the realm for a token with:
 

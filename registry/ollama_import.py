@@ -1,7 +1,7 @@
 """`berth import-ollama`: register the models of an Ollama store without downloading anything.
 
 An Ollama store is `manifests/<host>/<namespace>/<model>/<tag>` (JSON manifests) and
-`blobs/sha256-<hex>` (spec/ollama-registry.md §2). Each manifest's name and every digest in it
+`blobs/sha256-<hex>` (docs/ollama-compatibility.md, "Storage"). Each manifest's name and every digest in it
 are validated before a path is built from them; each blob is linked into Berth's store (copied
 when it is on another filesystem) and hashed on the way, so a damaged Ollama blob is refused
 rather than imported. Manifest bytes are kept as they are, so a model has the same digest in both

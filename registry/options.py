@@ -4,7 +4,7 @@ Values arrive as JSON (a request's `options`, a create request's `parameters`), 
 Modelfile's `PARAMETER temperature 0.7`, the REPL's `/set parameter`), and leave as the
 `parameters` text of `/api/show`. Every path checks names and types against `OPTION_SPECS`, so the
 rest of Berth handles typed values only. Behaviour follows Ollama's `api.Options` (`FromMap`,
-`FormatParams`, `DefaultOptions`); see spec/ollama-api.md §3.5.
+`FormatParams`, `DefaultOptions`); see docs/ollama-compatibility.md, "API: options".
 
 Typed values are `int`, `float` (rounded to float32 and kept in its shortest decimal form, which
 is what Ollama stores), `bool`, and `tuple[str, ...]` for `stop`, the only list.

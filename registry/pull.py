@@ -1,6 +1,6 @@
 """Pulling a model from an OCI registry: manifest, verified resumable blob downloads, then the tag.
 
-Sequence and progress statuses follow Ollama (spec/ollama-registry.md §4): `pulling manifest`,
+Sequence and progress statuses follow Ollama (docs/ollama-compatibility.md, "Pull"): `pulling manifest`,
 `pulling <12hex>` per blob (layers, then config), `verifying sha256 digest`, `writing manifest`,
 `success`. Differences, on purpose:
 

@@ -1,6 +1,6 @@
 """Pushing a model to an OCI registry: blobs (HEAD, mount, or chunked upload), then the manifest.
 
-Statuses follow Ollama (spec/ollama-registry.md §5): `retrieving manifest`, `pushing <12hex>` per
+Statuses follow Ollama (docs/ollama-compatibility.md, "Push"): `retrieving manifest`, `pushing <12hex>` per
 blob, `pushing manifest`, `success`. Each blob is first asked for with HEAD, so pushing an
 unchanged model again sends no blob bytes. A layer with a `from` naming a model on the same
 registry is offered as a cross-repository mount first. Otherwise the blob goes up in chunks

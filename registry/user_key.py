@@ -44,10 +44,6 @@ class UserKey:
         """The base64 SSH wire encoding alone (the second field of the line): Ollama's key id."""
         return self.public_line().split()[1]
 
-    def public_raw(self) -> bytes:
-        """The 32 raw public key bytes."""
-        return self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
     def public_pem(self) -> str:
         """SubjectPublicKeyInfo PEM, what `openssl pkeyutl -verify -pubin` reads."""
         return self.public.public_bytes(serialization.Encoding.PEM,

@@ -329,7 +329,7 @@ def check_think(value: Any, resolved: "Resolved") -> bool | str | None:
         return value
     if value is not True and value not in THINK_LEVELS:
         raise InvalidInput(f'invalid think value {value!r}; use true, false, "low", "medium", "high" or "max"')
-    if "thinking" not in tool_calls.capabilities_from_template(resolved.template):
+    if "thinking" not in resolved.view.capabilities:
         raise InvalidInput(f'"{resolved.name}" does not support thinking')
     return value
 
@@ -445,7 +445,7 @@ class Generation:
         if request.template is not None:
             resolved = dataclasses.replace(resolved, view=dataclasses.replace(resolved.view, template=request.template))
         think = check_think(request.think, resolved)
-        if request.tools and "tools" not in tool_calls.capabilities_from_template(resolved.template):
+        if request.tools and "tools" not in resolved.view.capabilities:
             raise InvalidInput(f"{resolved.view.stored.name} does not support tools")
         if sum(len(message.images) for message in request.messages) > MAX_IMAGES:
             raise InvalidInput(f"the messages carry more than {MAX_IMAGES} images, the limit for one request")

@@ -20,7 +20,7 @@ from berth.registry.manifest import (
     TEMPLATE_LAYER,
     ModelConfig,
 )
-from berth.server import template as templates
+from berth.server.tools import capabilities_from_template
 
 
 def local_time(value: datetime) -> str:
@@ -43,19 +43,13 @@ class ModelView:
 
     @property
     def capabilities(self) -> list[str]:
+        """What the model can do: the one answer for /api/show and for the checks of generate and
+        chat. A template grants what it reads (tools/insert/thinking, names in any case, as
+        Ollama compares them; nothing if it does not parse); the layers grant the rest."""
         manifest = self.stored.manifest
-        caps: list[str] = []
-        if manifest.layers_of(MODEL_LAYER):
-            caps.append("completion")
-        if self.template:
-            try:
-                parsed = templates.parse(self.template)
-            except templates.TemplateError:
-                parsed = None  # stored before a limit it passes: it can do nothing until recreated
-            if parsed is not None and parsed.uses("Tools"):
-                caps.append("tools")
-            if parsed is not None and parsed.uses("Suffix"):
-                caps.append("insert")
+        granted = capabilities_from_template(self.template) if self.template else set()
+        caps = ["completion"] if manifest.layers_of(MODEL_LAYER) else []
+        caps += [name for name in ("tools", "insert", "thinking") if name in granted]
         if manifest.layers_of(PROJECTOR_LAYER):
             caps.append("vision")
         return caps

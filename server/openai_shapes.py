@@ -1,4 +1,5 @@
-"""OpenAI's wire shapes translated to and from Berth's own requests and chunks (spec §4).
+"""OpenAI's wire shapes translated to and from Berth's own requests and chunks
+(docs/ollama-compatibility.md, "OpenAI compatibility").
 
 Nothing here does I/O: requests are validated into pydantic models, turned into the same
 `ChatInput` / `GenerateInput` the native API builds, and the native chunks that `Generation`
@@ -255,7 +256,7 @@ def _part_message(role: str, part: Any) -> ChatMessage:
 
 
 def chat_messages(messages: list[MessageIn]) -> tuple[ChatMessage, ...]:
-    """OpenAI messages as native ones (spec §4.1 request mapping)."""
+    """OpenAI messages as native ones (docs/ollama-compatibility.md, "OpenAI compatibility")."""
     # A tool result without a name takes the name of the call it answers (the last call wins).
     names_by_call_id = {call.id: call.function.name for message in messages
                         for call in message.tool_calls or [] if call.id}

@@ -1,13 +1,14 @@
-"""From a request to the prompt text a model sees: Ollama's chat templating (spec §6).
+"""From a request to the prompt text a model sees: Ollama's chat templating
+(docs/ollama-compatibility.md, "Templates").
 
 Pure functions over immutable values; no I/O. The flow for a chat request:
 
-    messages = chat_messages(model, request_messages)            # SYSTEM and MESSAGE history (§2.2)
-    kept = fit_messages(model.template, messages, num_ctx=..., count_tokens=...)   # §6.6
-    prompt = render_chat(model.template, kept, tools=..., think=...)              # §6.2/6.4/6.5
+    messages = chat_messages(model, request_messages)
+    kept = fit_messages(model.template, messages, num_ctx=..., count_tokens=...)
+    prompt = render_chat(model.template, kept, tools=..., think=...)
 
-and for generate, `generate_messages` builds the message list (§6.4, last paragraph), or
-`render_suffix` renders fill-in-the-middle prompts (§6.3). `check_template` vets a template
+and for generate, `generate_messages` builds the message list, or
+`render_suffix` renders fill-in-the-middle prompts. `check_template` vets a template
 before a model or request uses it.
 
 Templates are untrusted: each prompt renders within server.template's limits (one budget for
@@ -107,7 +108,8 @@ class RenderedPrompt:
 
 
 def chat_messages(model: PromptModel, request_messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """The conversation a chat request renders (spec §2.2): the model's MESSAGE history, then
+    """The conversation a chat request renders (docs/ollama-compatibility.md, "Templates"): the
+    model's MESSAGE history, then
     the request's messages, with the model's SYSTEM in front when the first *request* message
     is not a system message. Like Ollama, a system message inside the history does not stop
     the model SYSTEM from being added; both reach the template."""
@@ -121,7 +123,8 @@ def generate_messages(
     model: PromptModel, prompt: str, system: str | None = None, images: Sequence[bytes] = (),
     use_history: bool = True,
 ) -> list[ChatMessage]:
-    """The conversation a generate request renders (spec §6.4): the request's system, else the
+    """The conversation a generate request renders (docs/ollama-compatibility.md, "Templates"):
+    the request's system, else the
     model's, if any; the MESSAGE history unless the request sent `context` (use_history=False);
     then the prompt as a user message carrying the images."""
     messages: list[ChatMessage] = []
@@ -139,7 +142,8 @@ def generate_messages(
 
 
 def _think_values(think: ThinkSetting) -> dict[str, Any]:
-    """Think, ThinkLevel and IsThinkSet (spec §6.2). A level counts as thinking; `true` is the
+    """Think, ThinkLevel and IsThinkSet (docs/ollama-compatibility.md, "Templates"). A level
+    counts as thinking; `true` is the
     level "medium"; the server resolves a model's default before calling."""
     if think is None:
         return {"Think": False, "ThinkLevel": "", "IsThinkSet": False}
@@ -149,7 +153,7 @@ def _think_values(think: ThinkSetting) -> dict[str, Any]:
 
 
 def _load(template_text: str) -> Template:
-    """Parse, applying Ollama's rule (§6.1): a template mentioning neither Messages nor
+    """Parse, applying Ollama's rule: a template mentioning neither Messages nor
     Response (in any case) gets `{{ .Response }}` appended."""
     try:
         template = parse(template_text)
@@ -185,7 +189,7 @@ def _collate(messages: Iterable[ChatMessage]) -> tuple[str, list[ChatMessage]]:
 
 
 def tag_images(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], tuple[bytes, ...]]:
-    """Spec §6.5: each image gets the tag `[img-N]`, N counting across the messages. A tag
+    """As Ollama does it: each image gets the tag `[img-N]`, N counting across the messages. A tag
     replaces the first `[img]` placeholder left in the text, or else joins the tags prefixed
     to it, with no separator."""
     images: list[bytes] = []
@@ -235,7 +239,7 @@ class _Renderer:
         return self._render_legacy(collated, budget)
 
     def _render_legacy(self, collated: Sequence[ChatMessage], budget: Budget) -> str:
-        """Spec §6.4: one render per (system, prompt, response) turn, the last one cut right
+        """Legacy mode, as Ollama does it: one render per (system, prompt, response) turn, the last one cut right
         after `.Response` so the model writes there, with a final assistant text as prefill."""
         out: list[str] = []
         slots = {"System": "", "Prompt": "", "Response": ""}
@@ -263,9 +267,9 @@ def render_chat(
     template_text: str, messages: Sequence[ChatMessage], *, tools: Sequence[Any] | None = None,
     think: ThinkSetting = None,
 ) -> RenderedPrompt:
-    """Render a conversation with a model template: Messages mode (§6.2) when the template
-    mentions `.Messages`, else legacy System/Prompt/Response mode (§6.4), images tagged first
-    (§6.5). `tools` is the request's JSON list; `think` the request's setting. Raises
+    """Render a conversation with a model template: Messages mode  when the template
+    mentions `.Messages`, else legacy System/Prompt/Response mode , images tagged first
+   . `tools` is the request's JSON list; `think` the request's setting. Raises
     PromptError for a template that does not parse or execute, InvalidInput for bad tools."""
     renderer = _Renderer.prepare(template_text, tools, think)
     tagged, images = tag_images(messages)
@@ -273,7 +277,7 @@ def render_chat(
 
 
 def render_suffix(template_text: str, prompt: str, suffix: str, *, think: ThinkSetting = None) -> str:
-    """A fill-in-the-middle prompt (§6.3): the template sees only Prompt, Suffix, Response ""
+    """A fill-in-the-middle prompt : the template sees only Prompt, Suffix, Response ""
     and the think values. Ollama takes this path only when both are non-empty; otherwise the
     template is rendered as a conversation with no messages, as Ollama does."""
     if not (prompt and suffix):
@@ -348,7 +352,7 @@ def _failing_only_over_a_limit() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Truncation (§6.6)
+# Truncation
 #
 # The search is written once as a generator that yields each candidate prompt and is sent back
 # its token count; `fit_messages` and `fit_messages_async` only differ in how they count.
@@ -419,9 +423,9 @@ def fit_messages(
     template_text: str, messages: Sequence[ChatMessage], *, num_ctx: int, count_tokens: Callable[[str], int],
     tools: Sequence[Any] | None = None, think: ThinkSetting = None, image_tokens: int = IMAGE_TOKENS,
 ) -> list[ChatMessage]:
-    """The messages to render so the prompt fits `num_ctx` tokens (spec §6.6): the oldest
-    non-system messages are dropped, system messages always stay, and so does the last
-    message, even when it alone is too long. No room is kept for the answer.
+    """The messages to render so the prompt fits `num_ctx` tokens (docs/ollama-compatibility.md,
+    "Templates"): the oldest non-system messages are dropped, system messages always stay, and so
+    does the last message, even when it alone is too long. No room is kept for the answer.
 
     `count_tokens` tokenizes a rendered prompt. `image_tokens` is charged per image: pass 0
     for a model without a vision projector (see `PromptModel.has_projector`). Render the result

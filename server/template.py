@@ -1,11 +1,12 @@
 """Go's `text/template`, as Ollama runs it for chat templates.
 
-Model templates are Go templates (spec §6.1): Ollama parses them with `text/template`, option
-`missingkey=zero`, and four extra functions (`json`, `currentDate`, `yesterdayDate`,
-`toTypeScriptType`). Prompts must come out byte for byte the same, so this module reimplements
-the Go engine rather than translating templates to Jinja: a lexer and a parser that follow
-`text/template/parse` (same tokens, same trimming, same error messages), node dataclasses, and an
-executor that follows `text/template/exec.go` and the `fmt` rules for printing values.
+Model templates are Go templates (docs/ollama-compatibility.md, "Templates"): Ollama parses
+them with `text/template`, option `missingkey=zero`, and four extra functions (`json`,
+`currentDate`, `yesterdayDate`, `toTypeScriptType`). Prompts must come out byte for byte the
+same, so this module reimplements the Go engine rather than translating templates to Jinja: a
+lexer and a parser that follow `text/template/parse` (same tokens, same trimming, same error
+messages), node dataclasses, and an executor that follows `text/template/exec.go` and the `fmt`
+rules for printing values.
 
 Values are plain Python data:
 

@@ -1,6 +1,6 @@
 """Tool calling for Go-template models: what templates see, and what comes back out.
 
-Two directions (spec §3.2, §6.2):
+Two directions (docs/ollama-compatibility.md, "Tools" and "Templates"):
 
 * In: the request's `tools` become the values a template expects (`tools_for_template`), so
   that `{{ .Tools }}`, `{{ json . }}` or `{{ .Function }}` print the JSON Ollama prints, in Go's
@@ -174,7 +174,7 @@ def _first_text(nodes: Sequence[Node]) -> str | None:
 
 
 def tool_call_marker(template_text: str) -> str | None:
-    """The text a model writes before its tool calls (spec §3.2), or None when the template
+    """The text a model writes before its tool calls (docs/ollama-compatibility.md, "Tools"), or None when the template
     has no `{{ if .ToolCalls }}` block (or does not parse).
 
     The marker is the first literal text inside that block, cut at the first `{` and trimmed:
@@ -446,7 +446,7 @@ def _held_prefix(text: str, marker: str) -> int:
 
 
 class ToolCallParser:
-    """Splits streamed model output into content and tool calls (spec §3.2).
+    """Splits streamed model output into content and tool calls (docs/ollama-compatibility.md, "Tools").
 
     `feed(text)` returns the content that can be shown now and the calls completed so far;
     `finish()` returns what was held back. Content before the marker streams out, except a

@@ -34,13 +34,13 @@ from berth.registry.errors import BlobNotFound, InvalidInput, NotFound, TooLarge
 from berth.server import prompt as prompts
 from berth.server.api.body import parse_json
 from berth.server.api.ndjson import respond
-from berth.server.context import AppContext
+from berth.server.api.app_context import app_context
 
 router = APIRouter()
 
 
 class CreateBody(BaseModel):
-    """Both shapes of Ollama's create request (spec/ollama-api.md §2.4)."""
+    """Both shapes of Ollama's create request (docs/ollama-compatibility.md, "API: create requests")."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -73,14 +73,11 @@ class CreateBody(BaseModel):
         )
 
 
-def _context(request: Request) -> AppContext:
-    return request.app.state.context
-
 
 @router.post("/api/create")
 async def create(request: Request) -> Response:
     body = await parse_json(request, CreateBody)
-    library = _context(request).library
+    library = app_context(request).library
     text = body.model or body.name
     if not text:
         raise InvalidInput("model is required")
@@ -104,7 +101,7 @@ async def _last(progress: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
 @router.head("/api/blobs/{digest}")
 async def head_blob(request: Request, digest: str) -> Response:
     parsed = Digest.parse(digest)
-    if not await run_in_threadpool(_context(request).library.blobs.exists, parsed):
+    if not await run_in_threadpool(app_context(request).library.blobs.exists, parsed):
         raise BlobNotFound(str(parsed))
     return Response(status_code=200)
 
@@ -113,7 +110,7 @@ async def head_blob(request: Request, digest: str) -> Response:
 async def handoff(request: Request) -> dict[str, str]:
     """Where a client on this machine hands files over (Berth's own; the name is no secret: only
     a process on this machine, as the server's user, can use it)."""
-    listener = _context(request).handoff
+    listener = app_context(request).handoff
     if listener is None:
         raise NotFound("this server takes no handed files; upload them with POST /api/blobs/<digest>")
     return {"socket": listener.name}
@@ -122,7 +119,7 @@ async def handoff(request: Request) -> dict[str, str]:
 @router.post("/api/blobs/{digest}")
 async def upload_blob(request: Request, digest: str) -> Response:
     parsed = Digest.parse(digest)
-    store = _context(request).library.blobs
+    store = app_context(request).library.blobs
     if "path" in request.query_params:
         raise InvalidInput(PATHS_REFUSED)
     if await run_in_threadpool(store.exists, parsed):

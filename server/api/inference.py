@@ -24,6 +24,7 @@ from berth.server.durations import parse_keep_alive
 from berth.server.images import decode_images
 from berth.server.inference import ChatInput, GenerateInput, Generation, OutputOptions, normalize
 from berth.server.context import AppContext
+from berth.server.api.app_context import app_context
 
 log = logging.getLogger("berth.api")
 router = APIRouter()
@@ -117,9 +118,6 @@ class EmbeddingsBody(_Request):
     prompt: str | None = None
 
 
-def _context(request: Request) -> AppContext:
-    return request.app.state.context
-
 
 def _keep_alive(body: _Request, context: AppContext) -> float | None:
     return None if body.keep_alive is None else parse_keep_alive(body.keep_alive, context.settings.keep_alive)
@@ -128,7 +126,7 @@ def _keep_alive(body: _Request, context: AppContext) -> float | None:
 @router.post("/api/generate")
 async def generate(request: Request) -> Response:
     body = await parse_json(request, GenerateBody)
-    context = _context(request)
+    context = app_context(request)
     job = GenerateInput(
         model=body.model_name(),
         prompt=body.prompt or "",
@@ -165,7 +163,7 @@ def _chat_message(body: MessageBody, index: int) -> prompts.ChatMessage:
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     body = await parse_json(request, ChatBody)
-    context = _context(request)
+    context = app_context(request)
     job = ChatInput(
         model=body.model_name(),
         messages=tuple(_chat_message(m, i) for i, m in enumerate(body.messages or [])),
@@ -195,7 +193,7 @@ def _inputs(value: Any) -> list[str]:
 @router.post("/api/embed")
 async def embed(request: Request) -> Response:
     body = await parse_json(request, EmbedBody)
-    context = _context(request)
+    context = app_context(request)
     inference = context.inference
     inputs = _inputs(body.input)
     started = time.perf_counter_ns()
@@ -218,7 +216,7 @@ async def embed(request: Request) -> Response:
 @router.post("/api/embeddings")
 async def embeddings(request: Request) -> Response:
     body = await parse_json(request, EmbeddingsBody)
-    context = _context(request)
+    context = app_context(request)
     inference = context.inference
     plan = inference.plan(inference.resolve(body.model_name()), body.options, _keep_alive(body, context))
     if not body.prompt:
@@ -230,6 +228,6 @@ async def embeddings(request: Request) -> Response:
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
-    return {"models": _context(request).scheduler.running()}
+    return {"models": app_context(request).scheduler.running()}
 
 

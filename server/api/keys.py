@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from berth.registry.keys import KeyStore
 from berth.server.api.body import parse_json
+from berth.server.api.app_context import app_context
 
 router = APIRouter()
 
@@ -26,7 +27,7 @@ class RevokeKey(BaseModel):
 
 
 def _keys(request: Request) -> KeyStore:
-    return request.app.state.context.keys
+    return app_context(request).keys
 
 
 @router.post("/api/keys")

@@ -21,6 +21,7 @@ from berth.registry.digest import Digest
 from berth.registry.errors import InvalidInput
 from berth.registry.library import Library, StoredModel
 from berth.registry.names import DEFAULT_HOST, ModelName
+from berth.server.api.app_context import app_context
 
 router = APIRouter()
 
@@ -34,7 +35,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _library(request: Request) -> Library:
-    return request.app.state.context.library
+    return app_context(request).library
 
 
 def _repository(repository: str) -> tuple[str, str] | None:

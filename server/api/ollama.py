@@ -15,8 +15,8 @@ from berth.registry.errors import InvalidInput, ModelNotFound
 from berth.registry.names import ModelName
 from berth.server import __version__
 from berth.server.api.body import parse_json
-from berth.server.context import AppContext
 from berth.server.models import view
+from berth.server.api.app_context import app_context
 
 router = APIRouter()
 
@@ -49,9 +49,6 @@ def _model_field(model: str | None, name: str | None) -> str:
     return value
 
 
-def context(request: Request) -> AppContext:
-    return request.app.state.context
-
 
 @router.api_route("/", methods=["GET", "HEAD"])
 async def health() -> Response:
@@ -61,7 +58,7 @@ async def health() -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
-    return Response(context(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(app_context(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.api_route("/api/version", methods=["GET", "HEAD"])
@@ -71,7 +68,7 @@ async def version() -> dict[str, str]:
 
 @router.api_route("/api/tags", methods=["GET", "HEAD"])
 async def tags(request: Request) -> dict[str, Any]:
-    library = context(request).library
+    library = app_context(request).library
 
     def build() -> list[dict[str, Any]]:
         return [view(library, stored).tag_entry() for stored in library.list()]
@@ -83,7 +80,7 @@ async def tags(request: Request) -> dict[str, Any]:
 async def show(request: Request) -> dict[str, Any]:
     body = await parse_json(request, ShowRequest)
     text = _model_field(body.model, body.name)
-    library = context(request).library
+    library = app_context(request).library
 
     def build() -> dict[str, Any]:
         stored = library.get(text)
@@ -95,7 +92,7 @@ async def show(request: Request) -> dict[str, Any]:
 @router.post("/api/copy")
 async def copy(request: Request) -> Response:
     body = await parse_json(request, CopyRequest)
-    library = context(request).library
+    library = app_context(request).library
     source = _checked_name(body.source, "source")
     destination = _checked_name(body.destination, "destination")
 
@@ -114,7 +111,7 @@ async def copy(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     body = await parse_json(request, DeleteRequest)
     text = _model_field(body.model, body.name)
-    library = context(request).library
+    library = app_context(request).library
 
     def run() -> None:
         try:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints (spec §4): chat and text completions, embeddings, models.
+"""OpenAI-compatible endpoints: chat and text completions, embeddings, models
+(docs/ollama-compatibility.md, "OpenAI compatibility").
 
 Each handler translates the request (server/openai_shapes.py), calls the same services as the
 native API and translates the answer back. Errors use OpenAI's envelope on these paths only:
@@ -24,8 +25,8 @@ from berth.server.api.body import parse_json
 from berth.server.api.caller import caller_of
 from berth.server.api.disconnect import ClientGone, nobody_listening, unless_disconnected
 from berth.server.api.errors import status_for
-from berth.server.context import AppContext
 from berth.server.inference import Generation, normalize
+from berth.server.api.app_context import app_context
 
 log = logging.getLogger("berth.api")
 
@@ -58,9 +59,6 @@ class OpenAIRoute(APIRoute):
 
 router = APIRouter(route_class=OpenAIRoute)
 
-
-def _context(request: Request) -> AppContext:
-    return request.app.state.context
 
 
 def _sse(event: dict[str, Any]) -> bytes:
@@ -120,7 +118,7 @@ async def _answer(chunks: AsyncIterator[dict[str, Any]], translator: shapes.Tran
 async def chat_completions(request: Request) -> Response:
     body = await parse_json(request, shapes.ChatCompletionRequest)
     job = dataclasses.replace(shapes.chat_input(body), caller=caller_of(request))
-    chunks = Generation(_context(request).inference).chat(job)
+    chunks = Generation(app_context(request).inference).chat(job)
     return await _answer(chunks, shapes.ChatTranslator(body.include_usage), bool(body.stream), request)
 
 
@@ -128,7 +126,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = await parse_json(request, shapes.CompletionRequest)
     job = dataclasses.replace(shapes.generate_input(body), caller=caller_of(request))
-    chunks = Generation(_context(request).inference).generate(job)
+    chunks = Generation(app_context(request).inference).generate(job)
     return await _answer(chunks, shapes.CompletionTranslator(body.include_usage), bool(body.stream), request)
 
 
@@ -139,7 +137,7 @@ async def embeddings(request: Request) -> Response:
     inputs = shapes.embedding_inputs(body)
     if body.dimensions is not None and body.dimensions < 0:
         raise InvalidInput("dimensions must be a positive number")
-    inference = _context(request).inference
+    inference = app_context(request).inference
     plan = inference.plan(inference.resolve(body.model_name()), None, None)
     vectors, prompt_tokens, _ = await inference.embed(plan, inputs, True, caller_of(request))
     normalized = [normalize(vector, body.dimensions) for vector in vectors]
@@ -148,14 +146,14 @@ async def embeddings(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    library = _context(request).library
+    library = app_context(request).library
     stored = await run_in_threadpool(library.list)
     return {"object": "list", "data": [shapes.model_entry(model) for model in stored]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
-    library = _context(request).library
+    library = app_context(request).library
     try:
         stored = await run_in_threadpool(library.get, model)
     except InvalidInput:

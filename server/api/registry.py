@@ -27,6 +27,7 @@ from berth.registry.trust import UntrustedModel
 from berth.server.api.body import parse_json
 from berth.server.api.ndjson import respond
 from berth.server.api.errors import status_for
+from berth.server.api.app_context import app_context
 
 router = APIRouter()
 
@@ -104,7 +105,7 @@ def _error_status(exc: BerthError) -> int:
 
 
 async def _run(work: Work, stream: bool, request: Request, direction: str) -> Response:
-    counter = request.app.state.context.metrics.transfer_bytes.labels(direction)
+    counter = app_context(request).metrics.transfer_bytes.labels(direction)
 
     def counted(emit: Emit, cancel: threading.Event) -> object:
         result = work(emit, cancel)
@@ -125,7 +126,7 @@ async def _run(work: Work, stream: bool, request: Request, direction: str) -> Re
 async def pull(request: Request) -> Response:
     body = await parse_json(request, PullBody)
     name = body.model_name()
-    puller = request.app.state.context.transfers().puller
+    puller = app_context(request).transfers().puller
     rate = body.rate()
     return await _run(lambda emit, cancel: puller.pull(name, emit, bool(body.insecure), cancel, rate),
                       body.stream is not False, request, "pull")
@@ -135,8 +136,8 @@ async def pull(request: Request) -> Response:
 async def push(request: Request) -> Response:
     body = await parse_json(request, PushBody)
     name = body.model_name()
-    library = request.app.state.context.library
-    transfers = request.app.state.context.transfers()
+    library = app_context(request).library
+    transfers = app_context(request).transfers()
 
     def work(emit: Emit, cancel: threading.Event) -> object:
         key = transfers.key_for_push(body.sign)  # read (or created) on the worker thread

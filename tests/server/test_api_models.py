@@ -139,3 +139,24 @@ def test_official_client_lists_and_shows(server: BerthServer) -> None:
     shown = client.show(DEFAULT_MODEL_NAME)
     assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "gemma3"
     assert shown.template and "<start_of_turn>" in shown.template
+
+
+def test_show_and_chat_agree_on_what_a_template_grants(http: httpx.Client, server: BerthServer) -> None:
+    """One answer for both: a template reading `.Think` and `.tools` (names in any case, as
+    Ollama compares them) can think and call tools, in /api/show and in chat's checks."""
+    from tests.conftest import add_variant
+
+    template = "{{ if .Think }}<think>{{ end }}{{ range .tools }}{{ . }}{{ end }}{{ .Prompt }}"
+    add_variant(server.models_dir, "caps-test:1", template=template)
+    try:
+        shown = http.post("/api/show", json={"model": "caps-test:1"}).json()
+        assert shown["capabilities"] == ["completion", "tools", "thinking"]
+        plain = http.post("/api/show", json={"model": DEFAULT_MODEL_NAME}).json()
+        assert "thinking" not in plain["capabilities"] and "tools" not in plain["capabilities"]
+        body = {"model": "caps-test:1", "messages": [{"role": "user", "content": "hi"}], "think": True,
+                "stream": False, "options": {"num_predict": 1}}
+        assert http.post("/api/chat", json=body).status_code == 200
+        refused = http.post("/api/chat", json={**body, "model": DEFAULT_MODEL_NAME})
+        assert refused.status_code == 400 and "does not support thinking" in refused.json()["error"]
+    finally:
+        http.request("DELETE", "/api/delete", json={"model": "caps-test:1"})
