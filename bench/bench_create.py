@@ -78,7 +78,7 @@ def main() -> None:
         os.environ["BERTH_HOST"] = host  # for the in-process runs
         try:
             def process(*extra: str) -> Callable[[], None]:
-                command = [BERTH, "create", NAME, "-f", str(modelfile), "-q", *extra]
+                command = [BERTH, "create", NAME, "-f", str(modelfile), "--quiet", *extra]
                 return lambda: subprocess.run(command, check=True, env={**os.environ, "BERTH_HOST": host})
 
             def in_process(upload: bool) -> Callable[[], None]:
