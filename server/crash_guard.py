@@ -67,6 +67,12 @@ class CrashGuard:
         self._by_request: defaultdict[str, deque[float]] = defaultdict(deque)
         self._by_client: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
 
+    def has_deaths(self) -> bool:
+        """Whether any death is on record: until one is, no request can be refused as a killer,
+        so callers need not fingerprint their requests."""
+        with self._lock:
+            return bool(self._by_request)
+
     def check(self, model: str, client: str, request: str, request_id: str) -> None:
         """RequestRefused when this request, or this client on this model, kept killing runners."""
         with self._lock:

@@ -210,12 +210,14 @@ class Inference:
     async def _guarded(self, lease: Lease, op: str, payload: dict[str, Any], caller: Caller) -> AsyncIterator[None]:
         """Refuse a request that kept killing runners; record it when its runner dies under it."""
         model = lease.loaded.ref.name.display
-        request = fingerprint(op, payload)
+        # Serialising and hashing the payload (a long prompt, images) is only worth it once a
+        # runner has died; "" is never recorded, so it matches no death.
+        request = fingerprint(op, payload) if self.crashes.has_deaths() else ""
         self.crashes.check(model, caller.client, request, caller.request_id)
         try:
             yield
         except RunnerDied:
-            self.crashes.record(model, caller.client, request, caller.request_id)
+            self.crashes.record(model, caller.client, request or fingerprint(op, payload), caller.request_id)
             raise
 
     async def count_tokens(self, lease: Lease, text: str) -> int:

@@ -54,3 +54,10 @@ def test_memory_stays_bounded() -> None:
     clock.now += crash_guard.WINDOW + 1
     guard.record("m", "late", "late", "r")
     assert len(guard._by_request) == 1 and len(guard._by_client) == 1  # noqa: SLF001
+
+
+def test_deaths_on_record() -> None:
+    guard = CrashGuard(Clock())
+    assert not guard.has_deaths()
+    guard.record("m", "local", fingerprint("generate", {"prompt": "x"}), "r")
+    assert guard.has_deaths()
